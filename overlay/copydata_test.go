@@ -1,0 +1,68 @@
+package overlay
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestCopyDataFallbacks forces each copy method in turn, and copies across
+// filesystems (copy_file_range EXDEV → read/write) when /dev/shm is tmpfs.
+func TestCopyDataFallbacks(t *testing.T) {
+	src := t.TempDir()
+	want := pseudoRandom(2<<20 + 5)
+	mustNil(t, os.WriteFile(filepath.Join(src, "f"), want, 0o644))
+	dsts := map[string]string{"same fs": t.TempDir()}
+	var sfs unix.Statfs_t
+	if unix.Statfs("/dev/shm", &sfs) == nil && sfs.Type == unix.TMPFS_MAGIC {
+		shm, err := os.MkdirTemp("/dev/shm", "overlay-test")
+		mustNil(t, err)
+		t.Cleanup(func() { os.RemoveAll(shm) })
+		dsts["tmpfs"] = shm
+	}
+	dirfd, err := unix.Open(src, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	mustNil(t, err)
+	defer unix.Close(dirfd)
+	for name, dst := range dsts {
+		for _, c := range []copier{{}, {noClone: true}, {noClone: true, noRange: true}} {
+			out := filepath.Join(dst, "copy")
+			res, err := c.copyData(dirfd, "f", out)
+			mustNil(t, err)
+			got, err := os.ReadFile(out)
+			mustNil(t, err)
+			if res.Size != int64(len(want)) || !bytes.Equal(got, want) {
+				t.Errorf("%s %+v: copied %d bytes, content equal %v", name, c, res.Size, bytes.Equal(got, want))
+			}
+			if name == "tmpfs" && (!c.noClone || !c.noRange || res.Reflinked) {
+				t.Errorf("tmpfs: copier %+v did not fall back to read/write", c)
+			}
+		}
+	}
+}
+
+func TestCopyDataRefusesNonRegular(t *testing.T) {
+	requireRoot(t)
+	src := t.TempDir()
+	mustNil(t, unix.Mkfifo(filepath.Join(src, "fifo"), 0o644))
+	mustNil(t, unix.Mknod(filepath.Join(src, "dev"), unix.S_IFCHR|0o644, int(unix.Mkdev(1, 5))))
+	mustNil(t, os.Symlink("/etc/passwd", filepath.Join(src, "link")))
+	mustNil(t, os.Mkdir(filepath.Join(src, "sub"), 0o755))
+	writeFile(t, filepath.Join(src, "sub/f"), "f")
+	mustNil(t, os.Symlink("sub", filepath.Join(src, "dirlink")))
+	dirfd, err := unix.Open(src, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	mustNil(t, err)
+	defer unix.Close(dirfd)
+	dst := filepath.Join(t.TempDir(), "out")
+	var c copier
+	for _, name := range []string{"fifo", "dev", "link", "dirlink/f", "../" + filepath.Base(src) + "/sub/f", "/etc/passwd"} {
+		if _, err := c.copyData(dirfd, name, dst); err == nil {
+			t.Errorf("copyData(%q) succeeded", name)
+		}
+	}
+	if _, err := c.copyData(dirfd, "sub/f", dst); err != nil {
+		t.Errorf("copyData(sub/f): %v", err)
+	}
+}

@@ -1,0 +1,215 @@
+package shim
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/seamless-snapshot/seamless/config"
+	"github.com/seamless-snapshot/seamless/snapshot"
+)
+
+// Shim serves one container.
+type Shim struct {
+	cfg           *Config
+	dirs          config.Dirs
+	store         snapshot.Store
+	exe           string
+	log           *log.Logger
+	freezeTimeout time.Duration
+	busy          sync.Mutex
+	pauseDelay    time.Duration
+	startedAt     time.Time
+}
+
+// New prepares a shim for cfg. exe is the binary re-executed as the uploader.
+func New(cfg *Config, exe string, logger *log.Logger) (*Shim, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	dirs := config.Dirs{State: cfg.StateDir, Run: cfg.RunDir}
+	return &Shim{
+		cfg: cfg, dirs: dirs, store: snapshot.Store{Root: dirs.SnapshotsDir()},
+		exe: exe, log: logger, freezeTimeout: 2 * time.Second, startedAt: time.Now(),
+		pauseDelay: cfg.testPauseDelay(),
+	}, nil
+}
+
+func (s *Shim) logf(format string, args ...any) {
+	if s.log != nil {
+		s.log.Printf(format, args...)
+	}
+}
+
+// ErrAlreadyRunning means another shim already serves the container.
+var ErrAlreadyRunning = errors.New("a shim already serves this container")
+
+// Listen opens the control socket (0600). It fails with ErrAlreadyRunning
+// when a live shim answers on it; a stale socket is replaced.
+func (s *Shim) Listen() (net.Listener, error) {
+	path := s.dirs.Socket(s.cfg.ContainerID)
+	if err := os.MkdirAll(s.dirs.Run, 0o700); err != nil {
+		return nil, fmt.Errorf("run dir %s: %w", s.dirs.Run, err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, ErrAlreadyRunning
+	}
+	os.Remove(path)
+	old := syscall.Umask(0o177)
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	return &peerCheckListener{Listener: l, uid: uint32(os.Geteuid())}, nil
+}
+
+// Run serves requests on l until ctx is done or the container's init exits,
+// then finishes any capture in progress and removes the socket.
+func (s *Shim) Run(ctx context.Context, l net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer s.cleanup()
+
+	if err := s.writeInfo(); err != nil {
+		return err
+	}
+	initExited, err := s.watchInit()
+	if err != nil {
+		return err
+	}
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
+	srv := &http.Server{Handler: s.handler(), ReadHeaderTimeout: 10 * time.Second}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(l) }()
+	s.logf("shim for %s listening on %s (init pid %d)", s.cfg.ContainerID, s.dirs.Socket(s.cfg.ContainerID), s.cfg.InitPID)
+
+	for {
+		select {
+		case sig := <-sigs:
+			if sig == syscall.SIGUSR1 {
+				go s.signalSnapshot(ctx)
+				continue
+			}
+			s.logf("shim for %s: %v, stopping", s.cfg.ContainerID, sig)
+		case <-initExited:
+			s.logf("shim for %s: container init exited, stopping", s.cfg.ContainerID)
+		case <-ctx.Done():
+		case err := <-serveErr:
+			return fmt.Errorf("serve: %w", err)
+		}
+		return s.shutdown(srv)
+	}
+}
+
+// shutdown stops accepting requests and waits for a capture in progress.
+func (s *Shim) shutdown(srv *http.Server) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err := srv.Shutdown(ctx)
+	s.busy.Lock() // a signal-started capture holds this until sealed
+	s.busy.Unlock()
+	return err
+}
+
+func (s *Shim) signalSnapshot(ctx context.Context) {
+	req, err := s.annotationRequest(time.Now())
+	if err != nil {
+		s.logf("SIGUSR1 snapshot of %s: %v", s.cfg.ContainerID, err)
+		return
+	}
+	if _, err := s.Snapshot(ctx, req); err != nil {
+		s.logf("SIGUSR1 snapshot of %s: %v", s.cfg.ContainerID, err)
+	}
+}
+
+// watchInit returns a channel closed when the container's init exits.
+func (s *Shim) watchInit() (<-chan struct{}, error) {
+	fd, err := unix.PidfdOpen(s.cfg.InitPID, 0)
+	if err != nil {
+		return nil, fmt.Errorf("watch init pid %d of %s: %w", s.cfg.InitPID, s.cfg.ContainerID, err)
+	}
+	if s.cfg.InitStart != 0 {
+		if start, err := ProcessStartTime(s.cfg.InitPID); err != nil || start != s.cfg.InitStart {
+			unix.Close(fd)
+			return nil, fmt.Errorf("init pid %d of %s is gone (start time %d, want %d)", s.cfg.InitPID, s.cfg.ContainerID, start, s.cfg.InitStart)
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer unix.Close(fd)
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		for {
+			_, err := unix.Poll(fds, -1)
+			if err == nil || !errors.Is(err, unix.EINTR) {
+				return
+			}
+		}
+	}()
+	return done, nil
+}
+
+func (s *Shim) info() Info {
+	cg := s.cfg.CgroupPaths["freezer"]
+	fr := "v1"
+	if cg == "" || s.cfg.Freezer == "v2" {
+		cg, fr = s.cfg.CgroupPaths[""], "v2"
+	}
+	upper := ""
+	if mnt, err := s.overlayMount(); err == nil {
+		upper = mnt.Upperdir
+	}
+	return Info{
+		ContainerID: s.cfg.ContainerID, ShimPID: os.Getpid(), InitPID: s.cfg.InitPID,
+		Cgroup: cg, Freezer: fr, Upperdir: upper, Bundle: s.cfg.Bundle,
+		Engine: s.cfg.Engine, Namespace: s.cfg.ContainerdNamespace,
+		Socket: s.dirs.Socket(s.cfg.ContainerID), StartedAt: s.startedAt.UTC().Format(time.RFC3339Nano),
+	}
+}
+
+func (s *Shim) writeInfo() error {
+	b, err := jsonIndent(s.info())
+	if err != nil {
+		return err
+	}
+	path := s.dirs.ShimInfo(s.cfg.ContainerID)
+	if err := snapshot.WriteFileAtomic(path, b, 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+func (s *Shim) cleanup() {
+	os.Remove(s.dirs.Socket(s.cfg.ContainerID))
+	os.Remove(s.dirs.ShimInfo(s.cfg.ContainerID))
+}
+
+// ProcessStartTime returns field 22 of /proc/<pid>/stat (start time in clock ticks).
+func ProcessStartTime(pid int) (uint64, error) {
+	b, err := os.ReadFile(filepath.Join("/proc", fmt.Sprint(pid), "stat"))
+	if err != nil {
+		return 0, err
+	}
+	return parseStartTime(b)
+}

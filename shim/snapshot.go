@@ -1,0 +1,225 @@
+package shim
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"text/template"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+
+	"github.com/seamless-snapshot/seamless/baseimage"
+	"github.com/seamless-snapshot/seamless/freezer"
+	"github.com/seamless-snapshot/seamless/overlay"
+	"github.com/seamless-snapshot/seamless/snapshot"
+	"github.com/seamless-snapshot/seamless/uploader"
+)
+
+// ErrBusy is returned while another snapshot of the same container is being captured.
+var ErrBusy = errors.New("a snapshot of this container is already being captured; try again when it is done")
+
+// RequestError is a request that cannot be served as asked; nothing was changed.
+type RequestError struct{ Err error }
+
+func (e *RequestError) Error() string { return e.Err.Error() }
+func (e *RequestError) Unwrap() error { return e.Err }
+
+func badRequest(format string, args ...any) error {
+	return &RequestError{Err: fmt.Errorf(format, args...)}
+}
+
+// validateRequest checks a request before anything is touched.
+func validateRequest(req *snapshot.Request) error {
+	req.Target = strings.TrimSpace(req.Target)
+	if req.Target == "" {
+		return badRequest("no target reference")
+	}
+	if _, err := name.ParseReference(req.Target); err != nil {
+		return badRequest("invalid target reference %q: %v", req.Target, err)
+	}
+	switch req.Compression {
+	case "":
+		req.Compression = "gzip"
+	case "gzip":
+	default:
+		return badRequest("unsupported compression %q (supported: gzip)", req.Compression)
+	}
+	return nil
+}
+
+// Snapshot captures the container's upper dir at one frozen instant and starts
+// the detached uploader. It returns once the capture is sealed.
+func (s *Shim) Snapshot(ctx context.Context, req snapshot.Request) (*snapshot.State, error) {
+	if err := validateRequest(&req); err != nil {
+		return nil, err
+	}
+	if !s.busy.TryLock() {
+		return nil, ErrBusy
+	}
+	defer s.busy.Unlock()
+
+	base, err := s.baseImage(ctx)
+	if err != nil {
+		return nil, err
+	}
+	mnt, err := s.overlayMount()
+	if err != nil {
+		return nil, err
+	}
+	id, err := snapshot.NewID(time.Now())
+	if err != nil {
+		return nil, err
+	}
+	dir, err := s.store.Create(id)
+	if err != nil {
+		return nil, err
+	}
+	st := &snapshot.State{
+		ID: id, Container: s.cfg.ContainerID, Target: req.Target, Request: req,
+		Base: base, Phase: snapshot.PhaseCapturing,
+	}
+	if err := s.store.Save(st); err != nil {
+		return nil, err
+	}
+	if err := s.capture(ctx, st, mnt, dir); err != nil {
+		return s.fail(st, err)
+	}
+	if err := s.startUploader(st); err != nil {
+		return s.fail(st, err)
+	}
+	s.logf("snapshot %s of %s: pause %dµs (freeze %dµs, capture %dµs, thaw %dµs), %d entries, %d bytes",
+		st.ID, st.Container, st.PauseUS, st.Pause.FreezeUS, st.Pause.CaptureUS, st.Pause.ThawUS, st.Entries, st.Bytes)
+	return st, nil
+}
+
+// capture freezes the container, copies the upper dir and thaws. The thaw
+// happens on every path out of this function.
+func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mount, dir string) (err error) {
+	fr, err := freezer.FromCgroupPaths(s.cfg.CgroupPaths, freezer.Kind(s.cfg.Freezer))
+	if err != nil {
+		return fmt.Errorf("freezer of %s: %w", s.cfg.ContainerID, err)
+	}
+	defer fr.Close()
+	st.Freezer = string(fr.Kind())
+
+	start := time.Now()
+	if _, err := fr.Freeze(ctx, s.freezeTimeout); err != nil {
+		return err
+	}
+	frozenAt := time.Now()
+	thawed := false
+	defer func() {
+		if !thawed {
+			if terr := fr.Thaw(); terr != nil {
+				err = errors.Join(err, terr)
+			}
+		}
+	}()
+	if s.pauseDelay > 0 {
+		time.Sleep(s.pauseDelay)
+	}
+	m, stats, cerr := overlay.Capture(ctx, mnt.Upperdir, dir, overlay.CaptureOptions{UserXattr: mnt.UserXattr()})
+	capturedAt := time.Now()
+	thawed = true
+	if terr := fr.Thaw(); terr != nil {
+		return errors.Join(cerr, terr)
+	}
+	end := time.Now()
+	st.Pause = snapshot.PauseTimes{
+		FreezeUS:  frozenAt.Sub(start).Microseconds(),
+		CaptureUS: capturedAt.Sub(frozenAt).Microseconds(),
+		ThawUS:    end.Sub(capturedAt).Microseconds(),
+	}
+	st.PauseUS = end.Sub(start).Microseconds()
+	st.CapturedAt = frozenAt.UTC()
+	if cerr != nil {
+		return fmt.Errorf("capture %s: %w", mnt.Upperdir, cerr)
+	}
+	st.Entries = len(m.Entries)
+	st.Bytes = stats.Bytes
+	st.Phase = snapshot.PhaseCaptured
+	return s.store.Save(st)
+}
+
+func (s *Shim) startUploader(st *snapshot.State) error {
+	pid, err := uploader.Spawn(s.exe, s.cfg.StateDir, st.ID)
+	if err != nil {
+		return fmt.Errorf("start uploader for %s: %w", st.ID, err)
+	}
+	st.UploaderPID = pid
+	s.reap(pid)
+	return nil
+}
+
+// reap collects the exit status of a child so it does not linger as a zombie
+// while the shim lives; it makes no other use of it.
+func (s *Shim) reap(pid int) {
+	go func() {
+		if p, err := os.FindProcess(pid); err == nil {
+			p.Wait()
+		}
+	}()
+}
+
+func (s *Shim) fail(st *snapshot.State, err error) (*snapshot.State, error) {
+	st.Phase = snapshot.PhaseFailed
+	st.Error = err.Error()
+	if serr := s.store.Save(st); serr != nil {
+		s.logf("save failed state of %s: %v", st.ID, serr)
+	}
+	s.logf("snapshot %s of %s failed: %v", st.ID, st.Container, err)
+	return st, err
+}
+
+// baseImage finds the image the container was started from.
+func (s *Shim) baseImage(ctx context.Context) (snapshot.Base, error) {
+	switch s.cfg.Engine {
+	case "containerd":
+		ref, err := baseimage.ContainerdImageName(ctx, s.cfg.ContainerdAddress, s.cfg.ContainerdNamespace, s.cfg.ContainerID)
+		if err != nil {
+			return snapshot.Base{}, fmt.Errorf("base image of %s: %w", s.cfg.ContainerID, err)
+		}
+		return snapshot.Base{
+			Ref: ref, Source: "containerd",
+			ContainerdAddress: s.cfg.ContainerdAddress, ContainerdNamespace: s.cfg.ContainerdNamespace,
+		}, nil
+	}
+	return snapshot.Base{}, fmt.Errorf("base image of %s: unknown engine %q (seamless-runc must be run by containerd's runc v2 shim, or set CONTAINERD_ADDRESS)", s.cfg.ContainerID, s.cfg.Engine)
+}
+
+func (s *Shim) overlayMount() (*overlay.Mount, error) {
+	mnt, err := overlay.FindMount("/proc/self/mountinfo", s.cfg.Rootfs)
+	if err != nil {
+		return nil, fmt.Errorf("overlay of %s: %w", s.cfg.ContainerID, err)
+	}
+	if err := mnt.CheckCapturable(); err != nil {
+		return nil, fmt.Errorf("overlay of %s: %w", s.cfg.ContainerID, err)
+	}
+	return mnt, nil
+}
+
+// annotationRequest builds the request of a SIGUSR1 snapshot from the
+// container's annotations.
+func (s *Shim) annotationRequest(now time.Time) (snapshot.Request, error) {
+	raw := s.cfg.Annotations[AnnotationTarget]
+	if raw == "" {
+		return snapshot.Request{}, badRequest("SIGUSR1: container has no %s annotation", AnnotationTarget)
+	}
+	tmpl, err := template.New("target").Option("missingkey=error").Parse(raw)
+	if err != nil {
+		return snapshot.Request{}, badRequest("annotation %s: %v", AnnotationTarget, err)
+	}
+	var b strings.Builder
+	data := struct{ Time, Container string }{now.UTC().Format("20060102-150405"), s.cfg.ContainerID}
+	if err := tmpl.Execute(&b, data); err != nil {
+		return snapshot.Request{}, badRequest("annotation %s: %v", AnnotationTarget, err)
+	}
+	return snapshot.Request{
+		Target:    b.String(),
+		PlainHTTP: s.cfg.Annotations[AnnotationPlainHTTP] == "true",
+		Insecure:  s.cfg.Annotations[AnnotationInsecure] == "true",
+	}, nil
+}

@@ -1,0 +1,249 @@
+// Package snapshot defines the on-disk record of one snapshot: its directory
+// layout and its state.json, shared by the shim (which creates it), the
+// uploader (which advances it) and the CLI (which reads it).
+package snapshot
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Phase is where a snapshot is in its life.
+type Phase string
+
+// Phases in order. Failed and Done are final.
+const (
+	PhaseCapturing Phase = "capturing"
+	PhaseCaptured  Phase = "captured"
+	PhaseBuilding  Phase = "building"
+	PhasePushing   Phase = "pushing"
+	PhaseDone      Phase = "done"
+	PhaseFailed    Phase = "failed"
+)
+
+// Final reports whether no more progress will happen without intervention.
+func (p Phase) Final() bool { return p == PhaseDone || p == PhaseFailed }
+
+// Request is what a user asks for: where to push and how.
+type Request struct {
+	Target      string `json:"target"`
+	PlainHTTP   bool   `json:"plain_http,omitempty"`
+	Insecure    bool   `json:"insecure,omitempty"`
+	Compression string `json:"compression,omitempty"`
+}
+
+// Base names the image the container was started from.
+type Base struct {
+	// Ref is the image name as recorded by the engine (e.g. containerd's image name).
+	Ref string `json:"ref,omitempty"`
+	// Source is where the base's blobs are read from: "containerd".
+	Source string `json:"source,omitempty"`
+	// ContainerdAddress and ContainerdNamespace locate containerd's content store.
+	ContainerdAddress   string `json:"containerd_address,omitempty"`
+	ContainerdNamespace string `json:"containerd_namespace,omitempty"`
+}
+
+// PauseTimes breaks the pause down into its parts, in microseconds.
+type PauseTimes struct {
+	FreezeUS  int64 `json:"freeze_us"`
+	CaptureUS int64 `json:"capture_us"`
+	ThawUS    int64 `json:"thaw_us"`
+}
+
+// Progress counts bytes of the current phase.
+type Progress struct {
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+}
+
+// State is the content of state.json.
+type State struct {
+	ID          string     `json:"id"`
+	Container   string     `json:"container"`
+	Target      string     `json:"target"`
+	Request     Request    `json:"request"`
+	Base        Base       `json:"base"`
+	Phase       Phase      `json:"state"`
+	PauseUS     int64      `json:"pause_us"`
+	Pause       PauseTimes `json:"pause"`
+	Freezer     string     `json:"freezer,omitempty"`
+	CapturedAt  time.Time  `json:"captured_at"`
+	Entries     int        `json:"entries"`
+	Bytes       int64      `json:"bytes"`
+	Progress    Progress   `json:"progress"`
+	Digest      string     `json:"digest,omitempty"`
+	LayerDigest string     `json:"layer_digest,omitempty"`
+	PushedRef   string     `json:"pushed_ref,omitempty"`
+	Error       string     `json:"error,omitempty"`
+	UploaderPID int        `json:"uploader_pid,omitempty"`
+	UpdatedAt   time.Time  `json:"updated_at"`
+}
+
+// File names inside a snapshot directory.
+const (
+	StateFile    = "state.json"
+	ManifestFile = "manifest.json"
+	DataDir      = "data"
+	LayerFile    = "layer.tar.gz"
+	LogFile      = "upload.log"
+)
+
+// Store is a directory of snapshot directories.
+type Store struct {
+	Root string
+}
+
+// NewID returns a fresh snapshot id: a UTC timestamp and random suffix, sortable by time.
+func NewID(now time.Time) (string, error) {
+	var b [4]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("new snapshot id: %w", err)
+	}
+	return now.UTC().Format("20060102t150405") + "-" + hex.EncodeToString(b[:]), nil
+}
+
+// ValidID reports whether id can name a snapshot directory.
+func ValidID(id string) bool {
+	if id == "" || len(id) > 128 || id == "." || id == ".." {
+		return false
+	}
+	for _, r := range id {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// Dir is the directory of snapshot id.
+func (s Store) Dir(id string) string { return filepath.Join(s.Root, id) }
+
+// Create makes the directory of a new snapshot (and its data dir).
+func (s Store) Create(id string) (string, error) {
+	if !ValidID(id) {
+		return "", fmt.Errorf("create snapshot: invalid id %q", id)
+	}
+	dir := s.Dir(id)
+	if err := os.MkdirAll(s.Root, 0o700); err != nil {
+		return "", fmt.Errorf("create snapshot store %s: %w", s.Root, err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return "", fmt.Errorf("create snapshot %s: %w", id, err)
+	}
+	return dir, nil
+}
+
+// Save writes st to its state.json atomically (temp file, fsync, rename).
+func (s Store) Save(st *State) error {
+	st.UpdatedAt = time.Now().UTC()
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode state of %s: %w", st.ID, err)
+	}
+	if err := WriteFileAtomic(filepath.Join(s.Dir(st.ID), StateFile), append(b, '\n'), 0o600); err != nil {
+		return fmt.Errorf("save state of %s: %w", st.ID, err)
+	}
+	return nil
+}
+
+// Load reads the state of snapshot id.
+func (s Store) Load(id string) (*State, error) {
+	if !ValidID(id) {
+		return nil, fmt.Errorf("load snapshot: invalid id %q", id)
+	}
+	b, err := os.ReadFile(filepath.Join(s.Dir(id), StateFile))
+	if err != nil {
+		return nil, fmt.Errorf("load snapshot %s: %w", id, err)
+	}
+	var st State
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, fmt.Errorf("decode state of %s: %w", id, err)
+	}
+	return &st, nil
+}
+
+// List returns every snapshot's state, oldest first. Directories without a
+// readable state are skipped.
+func (s Store) List() ([]*State, error) {
+	ents, err := os.ReadDir(s.Root)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list snapshots in %s: %w", s.Root, err)
+	}
+	var out []*State
+	for _, e := range ents {
+		if !e.IsDir() || !ValidID(e.Name()) {
+			continue
+		}
+		st, err := s.Load(e.Name())
+		if err != nil {
+			continue
+		}
+		out = append(out, st)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// Resolve finds the snapshot whose id is id or starts with id.
+func (s Store) Resolve(id string) (*State, error) {
+	if st, err := s.Load(id); err == nil {
+		return st, nil
+	}
+	all, err := s.List()
+	if err != nil {
+		return nil, err
+	}
+	var found []*State
+	for _, st := range all {
+		if strings.HasPrefix(st.ID, id) {
+			found = append(found, st)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return nil, fmt.Errorf("no snapshot %q in %s", id, s.Root)
+	case 1:
+		return found[0], nil
+	}
+	ids := make([]string, len(found))
+	for i, st := range found {
+		ids[i] = st.ID
+	}
+	return nil, fmt.Errorf("snapshot id %q is ambiguous: %s", id, strings.Join(ids, ", "))
+}
+
+// WriteFileAtomic writes data to path through a synced temp file and a rename.
+func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(perm); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
