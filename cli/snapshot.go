@@ -31,7 +31,7 @@ func (a *App) snapshot(ctx context.Context, args []string) error {
 	wait := fs.Bool("wait", false, "wait until the image is pushed; exit 1 if the upload fails")
 	plainHTTP := fs.Bool("plain-http", false, "talk to the registry over plain HTTP")
 	insecure := fs.Bool("target-insecure", false, "do not verify the registry's TLS certificate")
-	compression := fs.String("compression", "gzip", "layer compression: gzip")
+	compression := fs.String("compression", "gzip", "layer compression: gzip or zstd")
 	output := fs.String("output", "text", "output format: text or json")
 	pos, err := parse(fs, args)
 	if err != nil {

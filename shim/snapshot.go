@@ -43,9 +43,9 @@ func validateRequest(req *snapshot.Request) error {
 	switch req.Compression {
 	case "":
 		req.Compression = "gzip"
-	case "gzip":
+	case "gzip", "zstd":
 	default:
-		return badRequest("unsupported compression %q (supported: gzip)", req.Compression)
+		return badRequest("unsupported compression %q (supported: gzip, zstd)", req.Compression)
 	}
 	return nil
 }

@@ -22,16 +22,18 @@ const (
 // recorded its pid, so that the two never overwrite each other's state.
 const envSync = "_SEAMLESS_UPLOADER_SYNC"
 
-// Spawn starts the detached uploader for snapshot id (see Start) and reaps it
-// in the background so that it never lingers as a zombie of the caller. It
-// returns the uploader's pid, also recorded in state.json.
+// Spawn starts the detached uploader for snapshot id (see Start) and returns
+// its pid, also recorded in state.json. Spawn does not wait for it: the
+// caller reaps it (os.FindProcess(pid) then Wait, e.g. in a goroutine) or
+// lets it be reparented when the caller exits.
 func Spawn(exe, stateDir, id string) (pid int, err error) {
 	p, err := Start(exe, stateDir, id)
 	if err != nil {
 		return 0, err
 	}
-	go p.Wait() //nolint:errcheck // reaping only; the outcome is in state.json
-	return p.Pid, nil
+	pid = p.Pid
+	p.Release() //nolint:errcheck // drops our handle only; the child runs on
+	return pid, nil
 }
 
 // Start starts exe as the uploader of snapshot id: role and SEAMLESS_STATE_DIR
