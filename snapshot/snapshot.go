@@ -53,9 +53,36 @@ type Base struct {
 
 // PauseTimes breaks the pause down into its parts, in microseconds.
 type PauseTimes struct {
-	FreezeUS  int64 `json:"freeze_us"`
+	// FreezeUS is the freeze wait: request to every task frozen.
+	FreezeUS int64 `json:"freeze_us"`
+	// DrainUS is reading the dirty tracker's queue while frozen.
+	DrainUS int64 `json:"drain_us,omitempty"`
+	// MmapScanUS is the scan of the tasks' shared writable mappings.
+	MmapScanUS int64 `json:"mmap_scan_us,omitempty"`
+	// RecaptureUS is the re-capture of the dirty entries (the whole capture
+	// when nothing was pre-copied).
 	CaptureUS int64 `json:"capture_us"`
-	ThawUS    int64 `json:"thaw_us"`
+	// ThawUS is the thaw request to thaw confirmed.
+	ThawUS int64 `json:"thaw_us"`
+}
+
+// CaptureFigures describes how a capture was made.
+type CaptureFigures struct {
+	// Strategy is "precopy" (pre-copy + dirty re-capture) or "full" (everything in the pause).
+	Strategy string `json:"strategy,omitempty"`
+	// DataCopy is how file data was copied: "reflink", "copy" or "mixed".
+	DataCopy string `json:"data_copy,omitempty"`
+	// PrecopyMS is the time spent copying before the freeze.
+	PrecopyMS int64 `json:"precopy_ms"`
+	// PrecopyRounds counts pre-copy passes (the first full one included).
+	PrecopyRounds int `json:"precopy_rounds,omitempty"`
+	// DirtyEntries is how many paths were re-captured in the pause.
+	DirtyEntries int `json:"dirty_entries"`
+	// Fallback is true when the dirty tracker could not be trusted (queue
+	// overflow, tracker failure) and the pause rescanned everything.
+	Fallback bool `json:"fallback"`
+	// FallbackReason says why.
+	FallbackReason string `json:"fallback_reason,omitempty"`
 }
 
 // Progress counts bytes of the current phase.

@@ -16,8 +16,7 @@ import (
 
 	"github.com/seamless-snapshot/seamless/config"
 	"github.com/seamless-snapshot/seamless/hook"
-	"github.com/seamless-snapshot/seamless/shim"
-	"github.com/seamless-snapshot/seamless/uploader"
+	"github.com/seamless-snapshot/seamless/internal/role"
 )
 
 // EnvRunc names the real runc binary; otherwise "runc" is looked up in PATH.
@@ -27,12 +26,7 @@ const EnvRunc = "SEAMLESS_RUNC"
 const shimStartTimeout = 5 * time.Second
 
 func main() {
-	switch os.Getenv(uploader.EnvRole) {
-	case shim.RoleShim:
-		os.Exit(shim.Main(os.Args))
-	case uploader.RoleUploader:
-		os.Exit(uploader.Main(os.Args))
-	}
+	role.Dispatch()
 	os.Exit(wrap(os.Args[1:]))
 }
 

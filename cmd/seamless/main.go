@@ -5,16 +5,10 @@ import (
 	"os"
 
 	"github.com/seamless-snapshot/seamless/cli"
-	"github.com/seamless-snapshot/seamless/shim"
-	"github.com/seamless-snapshot/seamless/uploader"
+	"github.com/seamless-snapshot/seamless/internal/role"
 )
 
 func main() {
-	switch os.Getenv(uploader.EnvRole) {
-	case shim.RoleShim:
-		os.Exit(shim.Main(os.Args))
-	case uploader.RoleUploader:
-		os.Exit(uploader.Main(os.Args))
-	}
+	role.Dispatch()
 	os.Exit(cli.Main())
 }
