@@ -1,5 +1,7 @@
-// Package baseimage finds the image a container was started from and reads
-// it, as a go-containerregistry v1.Image, from containerd's content store.
+// Package baseimage finds the image a container was started from (from
+// containerd, the Docker API or podman's storage) and reads it, as a
+// go-containerregistry v1.Image, from containerd's content store or from a
+// registry.
 package baseimage
 
 import (

@@ -1,5 +1,5 @@
 // Package cli implements the seamless command line: snapshot (commit),
-// status, wait and list.
+// status, wait, retry, gc and list.
 package cli
 
 import (
@@ -46,6 +46,8 @@ Commands:
   snapshot (commit)  snapshot a container: seamless snapshot --container ID --target REF [--wait]
   status [ID]        show one snapshot, or all of them
   wait ID            follow a snapshot until it is pushed or failed
+  retry ID           continue a failed or interrupted upload: seamless retry ID [--wait]
+  gc                 remove old finished snapshots: seamless gc --older-than 168h
   list               list the containers that can be snapshotted (those with a shim)
 
 Global flags:
@@ -105,13 +107,17 @@ func (a *App) run(ctx context.Context, args []string) error {
 		return a.status(ctx, cmdArgs)
 	case "wait":
 		return a.wait(ctx, cmdArgs)
+	case "retry":
+		return a.retry(ctx, cmdArgs)
+	case "gc":
+		return a.gc(ctx, cmdArgs)
 	case "list", "ls":
 		return a.list(ctx, cmdArgs)
 	case "help":
 		fmt.Fprint(a.Stdout, mainUsage)
 		return nil
 	}
-	return usagef("unknown command %q (commands: snapshot, status, wait, list)", cmd)
+	return usagef("unknown command %q (commands: snapshot, status, wait, retry, gc, list)", cmd)
 }
 
 // newFlagSet returns a flag set for a sub-command whose --help prints usage.

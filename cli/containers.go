@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/seamless-snapshot/seamless/internal/proc"
 	"github.com/seamless-snapshot/seamless/shim"
 )
 
@@ -42,7 +43,8 @@ func (a *App) shims(ctx context.Context) ([]shim.Info, error) {
 	return out, nil
 }
 
-// findContainer resolves an id or unique id prefix to a shim.
+// findContainer resolves an id or unique id prefix to a shim, among the
+// containers of every engine (all shims share the run dir).
 func (a *App) findContainer(ctx context.Context, idOrPrefix string) (*shim.Info, error) {
 	all, err := a.shims(ctx)
 	if err != nil {
@@ -74,13 +76,19 @@ func (a *App) findContainer(ctx context.Context, idOrPrefix string) (*shim.Info,
 	ids := make([]string, len(matches))
 	for i, info := range matches {
 		ids[i] = info.ContainerID
+		if info.Engine != "" {
+			ids[i] += " (" + info.Engine + ")"
+		}
 	}
 	return nil, usagef("container prefix %q is ambiguous: %s", idOrPrefix, strings.Join(ids, ", "))
 }
 
-const listUsage = `Usage: seamless list [--output text|json]
+const listUsage = `Usage: seamless list [PREFIX] [--output text|json]
 
-Lists the containers that have a seamless shim, i.e. can be snapshotted.
+Lists the containers that have a seamless shim, i.e. can be snapshotted,
+whatever engine runs them (containerd, Kubernetes CRI, Docker, podman): id,
+engine, containerd namespace, image and freezer. With PREFIX, only the
+containers whose id starts with it.
 `
 
 func (a *App) list(ctx context.Context, args []string) error {
@@ -90,8 +98,8 @@ func (a *App) list(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	if len(pos) > 0 {
-		return usagef("list takes no arguments")
+	if len(pos) > 1 {
+		return usagef("list takes at most one container id prefix")
 	}
 	if err := checkOutput(*output); err != nil {
 		return err
@@ -100,6 +108,9 @@ func (a *App) list(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	if len(pos) == 1 {
+		all = withPrefix(all, pos[0])
+	}
 	if *output == "json" {
 		if all == nil {
 			all = []shim.Info{}
@@ -107,15 +118,26 @@ func (a *App) list(ctx context.Context, args []string) error {
 		return printJSON(a.Stdout, all)
 	}
 	tw := tabwriter.NewWriter(a.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "CONTAINER\tENGINE\tNAMESPACE\tFREEZER\tSHIM PID\tSINCE")
+	fmt.Fprintln(tw, "CONTAINER\tENGINE\tNAMESPACE\tIMAGE\tFREEZER\tSHIM PID\tSINCE")
 	for _, info := range all {
 		since := info.StartedAt
 		if t, err := time.Parse(time.RFC3339Nano, info.StartedAt); err == nil {
 			since = t.Local().Format("2006-01-02 15:04:05")
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", info.ContainerID, dash(info.Engine), dash(info.Namespace), info.Freezer, info.ShimPID, since)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\n", info.ContainerID, dash(info.Engine), dash(info.Namespace), dash(info.Image), info.Freezer, info.ShimPID, since)
 	}
 	return tw.Flush()
+}
+
+// withPrefix keeps the shims whose container id starts with prefix.
+func withPrefix(all []shim.Info, prefix string) []shim.Info {
+	var out []shim.Info
+	for _, info := range all {
+		if strings.HasPrefix(info.ContainerID, prefix) {
+			out = append(out, info)
+		}
+	}
+	return out
 }
 
 func dash(s string) string {
@@ -126,18 +148,7 @@ func dash(s string) string {
 }
 
 // pidAlive reports whether pid is a running (not zombie) process.
-func pidAlive(pid int) bool {
-	if pid <= 0 {
-		return false
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i > 0 && i+2 < len(s) && s[i+2] != 'Z' && s[i+2] != 'X'
-}
+func pidAlive(pid int) bool { return proc.Alive(pid, 0) }
 
 func printJSON(w interface{ Write([]byte) (int, error) }, v any) error {
 	b, err := json.MarshalIndent(v, "", "  ")

@@ -14,6 +14,7 @@ import (
 
 	"github.com/seamless-snapshot/seamless/shim"
 	"github.com/seamless-snapshot/seamless/snapshot"
+	"github.com/seamless-snapshot/seamless/uploader"
 )
 
 const snapshotUsage = `Usage: seamless snapshot --container ID|PREFIX --target REF [flags]
@@ -32,6 +33,9 @@ func (a *App) snapshot(ctx context.Context, args []string) error {
 	plainHTTP := fs.Bool("plain-http", false, "talk to the registry over plain HTTP")
 	insecure := fs.Bool("target-insecure", false, "do not verify the registry's TLS certificate")
 	compression := fs.String("compression", "gzip", "layer compression: gzip or zstd")
+	oci := fs.Bool("oci", false, "push OCI media types even when the base image has Docker ones (zstd implies it)")
+	retryTimeout := fs.Duration("retry-timeout", 0, "how long to retry transient registry errors (default 10m, or $"+uploader.EnvRetryTimeout+" of the uploader)")
+	base := fs.String("base", "", "registry reference of the container's base image, when its engine cannot tell (e.g. an image built locally)")
 	output := fs.String("output", "text", "output format: text or json")
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -44,6 +48,8 @@ func (a *App) snapshot(ctx context.Context, args []string) error {
 		return usagef("--container is required")
 	case *target == "":
 		return usagef("--target is required")
+	case *retryTimeout < 0:
+		return usagef("--retry-timeout must not be negative")
 	}
 	if err := checkOutput(*output); err != nil {
 		return err
@@ -52,7 +58,8 @@ func (a *App) snapshot(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	req := snapshot.Request{Target: *target, PlainHTTP: *plainHTTP, Insecure: *insecure, Compression: *compression}
+	req := snapshot.Request{Target: *target, PlainHTTP: *plainHTTP, Insecure: *insecure, Compression: *compression, Base: *base,
+		OCI: *oci, RetryTimeout: snapshot.Duration(*retryTimeout)}
 	st, err := shim.NewClient(info.Socket).CreateSnapshot(ctx, req)
 	if err != nil {
 		var apiErr *shim.APIError
@@ -76,8 +83,15 @@ func (a *App) snapshot(ctx context.Context, args []string) error {
 
 func (a *App) printCaptured(st *snapshot.State) {
 	fmt.Fprintf(a.Stdout, "snapshot %s of %s captured: %d entries, %s\n", st.ID, st.Container, st.Entries, humanBytes(st.Bytes))
-	fmt.Fprintf(a.Stdout, "pause: %d µs (freeze %d µs, capture %d µs, thaw %d µs, %s freezer)\n",
-		st.PauseUS, st.Pause.FreezeUS, st.Pause.CaptureUS, st.Pause.ThawUS, st.Freezer)
+	fmt.Fprintf(a.Stdout, "pause: %d µs (freeze %d µs, re-capture %d µs of %d dirty entries, thaw %d µs, %s freezer)\n",
+		st.PauseUS, st.Pause.FreezeUS, st.Pause.CaptureUS, st.Capture.DirtyEntries, st.Pause.ThawUS, st.Freezer)
+	if c := st.Capture; c.Strategy != "" {
+		line := fmt.Sprintf("pre-copy: %d ms, %d round(s), data by %s", c.PrecopyMS, c.PrecopyRounds, dash(c.DataCopy))
+		if c.Fallback {
+			line += "; dirty tracking unavailable, full rescan in the pause: " + c.FallbackReason
+		}
+		fmt.Fprintln(a.Stdout, line)
+	}
 }
 
 const waitUsage = `Usage: seamless wait ID [--output text|json]
@@ -149,23 +163,20 @@ func (a *App) follow(ctx context.Context, id, output string) error {
 }
 
 // phaseInterrupted is shown for a snapshot whose uploader died mid-way.
-const phaseInterrupted snapshot.Phase = "interrupted"
+const phaseInterrupted = snapshot.PhaseInterrupted
 
-// withLiveness marks a non-final snapshot whose uploader is gone as interrupted.
+// withLiveness marks a non-final snapshot whose uploader is gone (its pid
+// is dead, or now another process's) as interrupted.
 func withLiveness(st *snapshot.State) *snapshot.State {
-	if st.Phase.Final() || st.Phase == snapshot.PhaseCapturing || st.UploaderPID == 0 {
+	if !uploader.Interrupted(st) {
 		return st
 	}
-	if !pidAlive(st.UploaderPID) {
-		// Re-read: the uploader may have finished between the two reads.
-		c := *st
-		c.Phase = phaseInterrupted
-		if c.Error == "" {
-			c.Error = fmt.Sprintf("uploader (pid %d) exited before finishing", st.UploaderPID)
-		}
-		return &c
+	c := *st
+	c.Phase = phaseInterrupted
+	if c.Error == "" {
+		c.Error = fmt.Sprintf("uploader (pid %d) exited before finishing; continue with: seamless retry %s", st.UploaderPID, st.ID)
 	}
-	return st
+	return &c
 }
 
 const statusUsage = `Usage: seamless status [ID] [--output text|json]
@@ -247,11 +258,36 @@ func (a *App) printState(st *snapshot.State) error {
 	row("pause", fmt.Sprintf("%d µs (freeze %d, capture %d, thaw %d; %s freezer)", st.PauseUS, st.Pause.FreezeUS, st.Pause.CaptureUS, st.Pause.ThawUS, st.Freezer))
 	row("entries", fmt.Sprintf("%d (%s)", st.Entries, humanBytes(st.Bytes)))
 	row("base", dash(st.Base.Ref))
+	if st.LayerDigest != "" {
+		row("layer", fmt.Sprintf("%s (%s, %s uncompressed)", st.LayerDigest, humanBytes(st.LayerSize), humanBytes(st.LayerUncompressedSize)))
+	}
+	if u := st.Upload; u.Runs > 0 {
+		row("upload", uploadSummary(st))
+	}
 	row("digest", dash(st.Digest))
 	if st.Error != "" {
 		row("error", st.Error)
 	}
 	return tw.Flush()
+}
+
+// uploadSummary says how the upload went: runs, timings, bytes sent, retries.
+func uploadSummary(st *snapshot.State) string {
+	u := st.Upload
+	s := fmt.Sprintf("build %d ms, push %d ms, %s sent", u.BuildMS, u.PushMS, humanBytes(u.PushedBytes))
+	if !u.FinishedAt.IsZero() && !st.CapturedAt.IsZero() {
+		s += fmt.Sprintf(", %.1f s after the capture", u.FinishedAt.Sub(st.CapturedAt).Seconds())
+	}
+	if u.SpoolReused {
+		s += ", spool reused"
+	}
+	if u.Retries > 0 {
+		s += fmt.Sprintf(", %d transient errors retried", u.Retries)
+	}
+	if u.Runs > 1 {
+		s += fmt.Sprintf(", %d runs", u.Runs)
+	}
+	return s
 }
 
 func (a *App) store() snapshot.Store { return snapshot.Store{Root: a.Dirs.SnapshotsDir()} }

@@ -12,12 +12,10 @@ import (
 	"syscall"
 	"time"
 
-	specs "github.com/opencontainers/runtime-spec/specs-go"
-
-	"github.com/seamless-snapshot/seamless/baseimage"
 	"github.com/seamless-snapshot/seamless/config"
 	"github.com/seamless-snapshot/seamless/shim"
 	"github.com/seamless-snapshot/seamless/uploader"
+	"github.com/seamless-snapshot/seamless/watchdog"
 )
 
 // runcState is the part of runc's <root>/<id>/state.json that seamless reads.
@@ -57,22 +55,10 @@ func (s *runcState) bundle() string {
 	return ""
 }
 
-// bundleAnnotations reads the annotations of the OCI spec in bundle.
-func bundleAnnotations(bundle string) (map[string]string, error) {
-	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
-	if err != nil {
-		return nil, fmt.Errorf("read bundle spec: %w", err)
-	}
-	var spec specs.Spec
-	if err := json.Unmarshal(b, &spec); err != nil {
-		return nil, fmt.Errorf("decode bundle spec: %w", err)
-	}
-	return spec.Annotations, nil
-}
-
 // ShimConfigFromRunc builds the shim config of a container runc has just
 // created, from runc's state and the bundle's spec. The containerd address
-// and namespace come from the calling runc v2 shim (or CONTAINERD_ADDRESS).
+// and namespace come from the calling runc v2 shim (or CONTAINERD_ADDRESS);
+// the engine is detected as for the OCI hook (detectEngine).
 func ShimConfigFromRunc(call *RuncCall, dirs config.Dirs) (*shim.Config, error) {
 	st, err := loadRuncState(call.Root, call.ContainerID)
 	if err != nil {
@@ -82,10 +68,11 @@ func ShimConfigFromRunc(call *RuncCall, dirs config.Dirs) (*shim.Config, error) 
 	if bundle == "" {
 		bundle = call.Bundle
 	}
-	ann, err := bundleAnnotations(bundle)
+	spec, err := loadSpec(bundle)
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", call.ContainerID, err)
 	}
+	ann := spec.Annotations
 	cfg := &shim.Config{
 		ContainerID: call.ContainerID, Bundle: bundle, RuncRoot: call.Root,
 		InitPID: st.InitPID, InitStart: st.InitStart, Rootfs: st.Config.Rootfs,
@@ -93,9 +80,7 @@ func ShimConfigFromRunc(call *RuncCall, dirs config.Dirs) (*shim.Config, error) 
 		Freezer:  freezerChoice(ann),
 		StateDir: dirs.State, RunDir: dirs.Run,
 	}
-	if addr, ns, ok := baseimage.ParentContainerd(); ok {
-		cfg.Engine, cfg.ContainerdAddress, cfg.ContainerdNamespace = "containerd", addr, ns
-	}
+	detectEngine(cfg, spec, engineHints{runcRoot: call.Root, shimPID: os.Getppid()})
 	return cfg, nil
 }
 
@@ -110,10 +95,13 @@ func freezerChoice(ann map[string]string) string {
 	return os.Getenv(EnvFreezer)
 }
 
-// StartShim starts the shim for cfg as a detached process (new session, stdio
-// on /dev/null, no fd of the caller) and waits until it listens or fails.
+// StartShim starts the shim for cfg, under its thaw watchdog, as a detached
+// process tree (new session, stdio on /dev/null, no fd of the caller) and
+// waits until the shim listens or fails. It returns the watchdog's pid; the
+// watchdog (argv[0] "seamless-watchdog") is the shim's parent, thaws the
+// container if the shim dies while it is frozen, and restarts the shim.
 func StartShim(exe string, cfg *shim.Config, timeout time.Duration) (pid int, err error) {
-	arg, err := cfg.Encode()
+	args, err := watchdogArgs(exe, cfg)
 	if err != nil {
 		return 0, err
 	}
@@ -128,9 +116,9 @@ func StartShim(exe string, cfg *shim.Config, timeout time.Duration) (pid int, er
 		return 0, fmt.Errorf("start shim: %w", err)
 	}
 	defer devnull.Close()
-	cmd := exec.Command(exe, arg)
-	cmd.Args[0] = "seamless-shim"
-	cmd.Env = append(os.Environ(), uploader.EnvRole+"="+shim.RoleShim, shim.EnvReadyFD+"=3")
+	cmd := exec.Command(exe, args...)
+	cmd.Args[0] = "seamless-watchdog"
+	cmd.Env = append(os.Environ(), uploader.EnvRole+"="+watchdog.Role, shim.EnvReadyFD+"=3")
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, devnull
 	cmd.ExtraFiles = []*os.File{w}
 	cmd.Dir = "/"
@@ -160,6 +148,24 @@ func StartShim(exe string, cfg *shim.Config, timeout time.Duration) (pid int, er
 	case <-time.After(timeout):
 		return pid, fmt.Errorf("shim for %s: not ready after %v", cfg.ContainerID, timeout)
 	}
+}
+
+// watchdogArgs is the watchdog's command line (after argv[0]) for the shim
+// of cfg: the watchdog runs exe as "seamless-shim CONFIG" and logs next to it.
+func watchdogArgs(exe string, cfg *shim.Config) ([]string, error) {
+	arg, err := cfg.Encode()
+	if err != nil {
+		return nil, err
+	}
+	wcfg := &watchdog.Config{
+		ContainerID: cfg.ContainerID, InitPID: cfg.InitPID, InitStart: cfg.InitStart,
+		CgroupPaths: cfg.CgroupPaths, ReadyEnv: shim.EnvReadyFD,
+		ChildEnv: []string{uploader.EnvRole + "=" + shim.RoleShim},
+	}
+	if cfg.RunDir != "" && cfg.ContainerID != "" {
+		wcfg.LogPath = filepath.Join(cfg.RunDir, cfg.ContainerID+".log")
+	}
+	return watchdog.Args(wcfg, watchdog.Child{Path: exe, Args: []string{"seamless-shim", arg}})
 }
 
 // StopShim asks the shim of container id to stop (SIGTERM), after checking

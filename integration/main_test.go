@@ -107,7 +107,7 @@ func setup() (*suite, error) {
 
 // buildBinaries builds the seamless binaries (static) into dir.
 func buildBinaries(ctx context.Context, dir string) error {
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "../cmd/seamless", "../cmd/seamless-runc", "./testbin")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/", "../cmd/seamless", "../cmd/seamless-runc", "../cmd/seamless-hook", "./testbin")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build: %v\n%s", err, out)
@@ -183,10 +183,17 @@ type cliResult struct {
 // seamless runs the CLI against the suite's directories.
 func seamless(t *testing.T, args ...string) cliResult {
 	t.Helper()
+	return seamlessEnv(t, nil, args...)
+}
+
+// seamlessEnv runs the CLI with extra environment variables (which reach
+// the uploaders it starts).
+func seamlessEnv(t *testing.T, extraEnv []string, args ...string) cliResult {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(env.bin, "seamless"), args...)
-	cmd.Env = append(os.Environ(), config.EnvStateDir+"="+env.dirs.State, config.EnvRunDir+"="+env.dirs.Run)
+	cmd.Env = append(append(os.Environ(), config.EnvStateDir+"="+env.dirs.State, config.EnvRunDir+"="+env.dirs.Run), extraEnv...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()

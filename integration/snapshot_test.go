@@ -319,8 +319,9 @@ func TestBadInput(t *testing.T) {
 		t.Errorf("a rejected request created a snapshot record")
 	}
 
-	// Unreachable registry: captured, then the upload fails clearly.
-	res = seamless(t, "snapshot", "--container", "e2e-bad-aa", "--target", "127.0.0.1:1/unreachable/x:1", "--plain-http", "--wait")
+	// Unreachable registry: captured, then the upload fails clearly once
+	// its retries (connection refused is transient) run out.
+	res = seamless(t, "snapshot", "--container", "e2e-bad-aa", "--target", "127.0.0.1:1/unreachable/x:1", "--plain-http", "--retry-timeout", "2s", "--wait")
 	if res.code != 1 {
 		t.Fatalf("unreachable registry: exit %d, want 1", res.code)
 	}

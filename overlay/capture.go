@@ -110,27 +110,37 @@ func (c *capturer) run(ctx context.Context, upperDir, snapDir string) (*Manifest
 // prepare checks the directories, creates snapDir/data and returns the
 // resolved upper dir.
 func (c *capturer) prepare(upperDir, snapDir string) (string, error) {
-	up, err := filepath.EvalSymlinks(upperDir)
+	up, dataDir, err := prepareDirs(upperDir, snapDir)
 	if err != nil {
-		return "", fmt.Errorf("capture: upper dir: %w", err)
+		return "", fmt.Errorf("capture: %w", err)
+	}
+	c.dataDir = dataDir
+	return up, nil
+}
+
+// prepareDirs checks the upper and snapshot dirs, creates snapDir/data and
+// returns the resolved upper dir and the data dir.
+func prepareDirs(upperDir, snapDir string) (up, dataDir string, err error) {
+	if up, err = filepath.EvalSymlinks(upperDir); err != nil {
+		return "", "", fmt.Errorf("upper dir: %w", err)
 	}
 	snap, err := filepath.EvalSymlinks(snapDir)
 	if err != nil {
-		return "", fmt.Errorf("capture: snapshot dir: %w", err)
+		return "", "", fmt.Errorf("snapshot dir: %w", err)
 	}
 	if within(snap, up) || within(up, snap) {
-		return "", fmt.Errorf("capture: snapshot dir %s and upper dir %s must not contain each other", snapDir, upperDir)
+		return "", "", fmt.Errorf("snapshot dir %s and upper dir %s must not contain each other", snapDir, upperDir)
 	}
-	c.dataDir = filepath.Join(snap, snapshot.DataDir)
-	if err := os.Mkdir(c.dataDir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return "", fmt.Errorf("capture: create data dir: %w", err)
+	dataDir = filepath.Join(snap, snapshot.DataDir)
+	if err := os.Mkdir(dataDir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", "", fmt.Errorf("create data dir: %w", err)
 	}
-	return up, nil
+	return up, dataDir, nil
 }
 
 // record is the walkFunc of Capture: it checks an entry, copies a regular
 // file's data and keeps the entry.
-func (c *capturer) record(dirfd int, name string, e *Entry) error {
+func (c *capturer) record(dirfd int, name string, e *Entry, _ *unix.Stat_t) error {
 	if err := c.checkOverlayXattrs(e); err != nil {
 		return err
 	}
@@ -144,14 +154,22 @@ func (c *capturer) record(dirfd int, name string, e *Entry) error {
 	return nil
 }
 
-// checkOverlayXattrs refuses entries whose content is not in the upper dir.
+// checkOverlayXattrs applies the package rule with the capture's xattr prefix.
 func (c *capturer) checkOverlayXattrs(e *Entry) error {
-	prefix := overlayPrefix(c.opts.UserXattr)
+	return checkOverlayXattrs(e, c.opts.UserXattr)
+}
+
+// errNotCapturable marks entries no capture can record (see checkOverlayXattrs).
+var errNotCapturable = errors.New("not supported")
+
+// checkOverlayXattrs refuses entries whose content is not in the upper dir.
+func checkOverlayXattrs(e *Entry, userXattr bool) error {
+	prefix := overlayPrefix(userXattr)
 	if _, ok := e.Xattrs[prefix+"metacopy"]; ok {
-		return fmt.Errorf("capture %s: metacopy file (its data is in a lower layer): not supported", e.Path)
+		return fmt.Errorf("capture %s: metacopy file (its data is in a lower layer): %w", e.Path, errNotCapturable)
 	}
 	if _, ok := e.Xattrs[prefix+"redirect"]; ok {
-		return fmt.Errorf("capture %s: redirected entry (its content is in a lower layer): not supported", e.Path)
+		return fmt.Errorf("capture %s: redirected entry (its content is in a lower layer): %w", e.Path, errNotCapturable)
 	}
 	return nil
 }
@@ -196,18 +214,27 @@ func (c *capturer) manifest(upperDir string) *Manifest {
 
 // seal makes the data durable, then writes the manifest atomically.
 func (c *capturer) seal(m *Manifest, snapDir string) error {
-	if err := syncFS(c.dataDir); err != nil {
-		return fmt.Errorf("capture: sync data: %w", err)
+	if err := sealManifest(m, c.dataDir, snapDir); err != nil {
+		return fmt.Errorf("capture: %w", err)
+	}
+	return nil
+}
+
+// sealManifest syncs the data dir's filesystem, then writes
+// snapDir/manifest.json atomically and durably.
+func sealManifest(m *Manifest, dataDir, snapDir string) error {
+	if err := syncFS(dataDir); err != nil {
+		return fmt.Errorf("sync data: %w", err)
 	}
 	b, err := json.Marshal(m)
 	if err != nil {
-		return fmt.Errorf("capture: encode manifest: %w", err)
+		return fmt.Errorf("encode manifest: %w", err)
 	}
 	if err := snapshot.WriteFileAtomic(filepath.Join(snapDir, snapshot.ManifestFile), append(b, '\n'), 0o600); err != nil {
-		return fmt.Errorf("capture: write manifest: %w", err)
+		return fmt.Errorf("write manifest: %w", err)
 	}
 	if err := syncDir(snapDir); err != nil {
-		return fmt.Errorf("capture: sync snapshot dir: %w", err)
+		return fmt.Errorf("sync snapshot dir: %w", err)
 	}
 	return nil
 }

@@ -24,23 +24,27 @@ type copyResult struct {
 }
 
 // copyData copies the regular file name, resolved beneath srcDirFd (it may
-// have several components), into dst (created or truncated, mode 0600).
-// The source is opened O_PATH first and only reopened for reading once it is
-// known to be a regular file, so a fifo or device node is never opened. The
-// copy must have exactly the source's size at open time.
+// have several components), into dst (created with mode 0600, or rewritten
+// in place and trimmed: much cheaper than truncating it first on some
+// filesystems). The source is opened O_PATH first and only reopened for
+// reading once it is known to be a regular file, so a fifo or device node is
+// never opened. The copy must have exactly the source's size at open time.
 func (c *copier) copyData(srcDirFd int, name, dst string) (copyResult, error) {
 	src, st, err := openRegularBeneath(srcDirFd, name)
 	if err != nil {
 		return copyResult{}, err
 	}
 	defer unix.Close(src)
-	out, err := unix.Open(dst, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	out, err := unix.Open(dst, unix.O_WRONLY|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return copyResult{}, fmt.Errorf("create %s: %w", dst, err)
 	}
 	defer unix.Close(out)
 	res := copyResult{Ino: st.Ino}
 	res.Size, res.Reflinked, err = c.copyFd(src, out)
+	if err == nil {
+		err = trimTo(out, res.Size)
+	}
 	if err != nil {
 		return res, fmt.Errorf("copy to %s: %w", dst, err)
 	}
@@ -48,6 +52,21 @@ func (c *copier) copyData(srcDirFd int, name, dst string) (copyResult, error) {
 		return res, fmt.Errorf("copy to %s: copied %d bytes but the file has %d (changed while being captured?)", dst, res.Size, st.Size)
 	}
 	return res, nil
+}
+
+// trimTo cuts fd to size when an earlier, longer content was overwritten.
+func trimTo(fd int, size int64) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("fstat copy: %w", err)
+	}
+	if st.Size <= size {
+		return nil
+	}
+	if err := unix.Ftruncate(fd, size); err != nil {
+		return fmt.Errorf("trim copy: %w", err)
+	}
+	return nil
 }
 
 // openRegularBeneath opens name beneath dirfd for reading, refusing anything
@@ -77,15 +96,15 @@ func openRegularBeneath(dirfd int, name string) (int, *unix.Stat_t, error) {
 	return fd, &st, nil
 }
 
-// copyFd copies src (from its current offset) to the empty file dst:
-// FICLONE, else copy_file_range, else read/write.
+// copyFd copies src (from its start) over dst (from its start; the caller
+// trims dst to n): FICLONE, else copy_file_range, else read/write.
 func (c *copier) copyFd(src, dst int) (n int64, reflinked bool, err error) {
 	if !c.noClone {
 		err := unix.IoctlFileClone(dst, src)
 		if err == nil {
 			var st unix.Stat_t
-			if err := unix.Fstat(dst, &st); err != nil {
-				return 0, false, fmt.Errorf("fstat clone: %w", err)
+			if err := unix.Fstat(src, &st); err != nil {
+				return 0, false, fmt.Errorf("fstat clone source: %w", err)
 			}
 			return st.Size, true, nil
 		}

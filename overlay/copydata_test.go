@@ -66,3 +66,28 @@ func TestCopyDataRefusesNonRegular(t *testing.T) {
 		t.Errorf("copyData(sub/f): %v", err)
 	}
 }
+
+// TestCopyDataRewritesInPlace: copying over an existing, longer copy leaves
+// exactly the new content, in the same inode.
+func TestCopyDataRewritesInPlace(t *testing.T) {
+	src, dst := t.TempDir(), filepath.Join(t.TempDir(), "copy")
+	dirfd, err := unix.Open(src, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	mustNil(t, err)
+	defer unix.Close(dirfd)
+	var c copier
+	var ino uint64
+	for i, size := range []int{3 << 20, 10, 0, 5000} {
+		want := pseudoRandom(size)
+		mustNil(t, os.WriteFile(filepath.Join(src, "f"), want, 0o644))
+		res, err := c.copyData(dirfd, "f", dst)
+		mustNil(t, err)
+		got, err := os.ReadFile(dst)
+		mustNil(t, err)
+		var st unix.Stat_t
+		mustNil(t, unix.Stat(dst, &st))
+		if res.Size != int64(size) || !bytes.Equal(got, want) || (i > 0 && st.Ino != ino) {
+			t.Errorf("copy %d of %d bytes: got %d bytes (equal %v), inode %d then %d", i, size, len(got), bytes.Equal(got, want), ino, st.Ino)
+		}
+		ino = st.Ino
+	}
+}

@@ -16,9 +16,9 @@ const resolveBeneath = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RE
 
 // walkFunc is called once per object below the walked root, a directory
 // before its children. dirfd is an open fd of the object's parent directory
-// and name the object's name in it; fn may fill in e (e.g. e.Data) but must
-// not keep dirfd.
-type walkFunc func(dirfd int, name string, e *Entry) error
+// and name the object's name in it; st is the object's lstat. fn may fill in
+// e (e.g. e.Data) but must not keep dirfd.
+type walkFunc func(dirfd int, name string, e *Entry, st *unix.Stat_t) error
 
 // walker reads the metadata of a tree fd-relatively; it never opens anything
 // but directories and never follows a symlink.
@@ -31,6 +31,10 @@ type walker struct {
 	beforeOpen func(rel string)
 	// direntBuf is reused by every getdents (names are copied out of it).
 	direntBuf []byte
+	// onError, when set, is offered the error of an object (or of a directory's
+	// listing) at rel; if it returns nil the walk skips that object and its
+	// subtree and goes on. Used while the tree is still changing (pre-copy).
+	onError func(rel string, err error) error
 }
 
 // walk calls fn for every object below the directory rootfd, parents first,
@@ -62,7 +66,12 @@ func (w *walker) walkDir(ctx context.Context, dirfd int, rel string, fn walkFunc
 			continue
 		}
 		if err := w.visit(ctx, dirfd, name, p, fn); err != nil {
-			return err
+			if w.onError == nil || ctx.Err() != nil {
+				return err
+			}
+			if err := w.onError(p, err); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
@@ -70,55 +79,75 @@ func (w *walker) walkDir(ctx context.Context, dirfd int, rel string, fn walkFunc
 
 // visit reports one object and, for a directory, its subtree.
 func (w *walker) visit(ctx context.Context, dirfd int, name, rel string, fn walkFunc) error {
-	if !utf8.ValidString(name) {
-		return fmt.Errorf("capture %q: name is not valid UTF-8 and cannot be recorded", displayPath(rel))
-	}
-	var st unix.Stat_t
-	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW|unix.AT_NO_AUTOMOUNT); err != nil {
-		return fmt.Errorf("capture %s: stat: %w", rel, err)
-	}
-	if uint64(st.Dev) != w.dev {
-		return fmt.Errorf("capture %s: on another filesystem (a mount inside the upper dir?): refusing", rel)
-	}
-	e, err := entryFromStat(rel, &st)
+	e, st, fd, err := w.readEntry(dirfd, name, rel)
 	if err != nil {
 		return err
 	}
-	if e.Type == TypeDir {
-		return w.visitDir(ctx, dirfd, name, e, &st, fn)
+	if fd < 0 {
+		return fn(dirfd, name, e, st)
 	}
-	if err := w.fillNonDir(dirfd, name, e); err != nil {
+	defer unix.Close(fd)
+	if err := fn(dirfd, name, e, st); err != nil {
 		return err
 	}
-	return fn(dirfd, name, e)
+	return w.walkDir(ctx, fd, e.Path, fn)
 }
 
-// visitDir opens a directory safely, records its xattrs, reports it and walks it.
-func (w *walker) visitDir(ctx context.Context, dirfd int, name string, e *Entry, st *unix.Stat_t, fn walkFunc) error {
+// readEntry reads the metadata of the object name in dirfd (at rel) without
+// descending. For a directory it also returns an open fd of it (the caller
+// closes it); for anything else fd is -1.
+func (w *walker) readEntry(dirfd int, name, rel string) (e *Entry, st *unix.Stat_t, fd int, err error) {
+	if !utf8.ValidString(name) {
+		return nil, nil, -1, fmt.Errorf("capture %q: name is not valid UTF-8 and cannot be recorded", displayPath(rel))
+	}
+	st = new(unix.Stat_t)
+	if err := unix.Fstatat(dirfd, name, st, unix.AT_SYMLINK_NOFOLLOW|unix.AT_NO_AUTOMOUNT); err != nil {
+		return nil, nil, -1, fmt.Errorf("capture %s: stat: %w", rel, err)
+	}
+	if uint64(st.Dev) != w.dev {
+		return nil, nil, -1, fmt.Errorf("capture %s: on another filesystem (a mount inside the upper dir?): refusing", rel)
+	}
+	if e, err = entryFromStat(rel, st); err != nil {
+		return nil, nil, -1, err
+	}
+	if e.Type == TypeDir {
+		fd, err := w.openDirEntry(dirfd, name, e, st)
+		if err != nil {
+			return nil, nil, -1, err
+		}
+		return e, st, fd, nil
+	}
+	if err := w.fillNonDir(dirfd, name, e); err != nil {
+		return nil, nil, -1, err
+	}
+	return e, st, -1, nil
+}
+
+// openDirEntry opens a directory safely and records its xattrs in e.
+func (w *walker) openDirEntry(dirfd int, name string, e *Entry, st *unix.Stat_t) (int, error) {
 	if w.beforeOpen != nil {
 		w.beforeOpen(e.Path)
 	}
 	fd, err := openDirBeneath(dirfd, name)
 	if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
-		return fmt.Errorf("capture %s: open dir: %w (replaced while being captured: is the container frozen?)", e.Path, err)
+		return -1, fmt.Errorf("capture %s: open dir: %w (replaced while being captured: is the container frozen?)", e.Path, err)
 	}
 	if err != nil {
-		return fmt.Errorf("capture %s: open dir: %w", e.Path, err)
+		return -1, fmt.Errorf("capture %s: open dir: %w", e.Path, err)
 	}
-	defer unix.Close(fd)
 	if err := sameObject(fd, st); err != nil {
-		return fmt.Errorf("capture %s: %w", e.Path, err)
+		unix.Close(fd)
+		return -1, fmt.Errorf("capture %s: %w", e.Path, err)
 	}
 	if e.Xattrs, err = fdXattrs(fd); err != nil {
-		return fmt.Errorf("capture %s: %w", e.Path, err)
+		unix.Close(fd)
+		return -1, fmt.Errorf("capture %s: %w", e.Path, err)
 	}
 	if err := checkXattrNames(e); err != nil {
-		return err
+		unix.Close(fd)
+		return -1, err
 	}
-	if err := fn(dirfd, name, e); err != nil {
-		return err
-	}
-	return w.walkDir(ctx, fd, e.Path, fn)
+	return fd, nil
 }
 
 // fillNonDir reads what a stat does not give for a non-directory: xattrs and

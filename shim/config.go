@@ -29,10 +29,19 @@ type Config struct {
 	// Freezer forces "v1" or "v2"; empty picks what runc uses.
 	Freezer     string            `json:"freezer,omitempty"`
 	Annotations map[string]string `json:"annotations,omitempty"`
-	// Engine is where the base image is found: "containerd".
+	// Engine is the container engine that runs the container and knows its
+	// base image: "containerd", "cri", "docker" or "podman" (see base.go).
 	Engine              string `json:"engine,omitempty"`
 	ContainerdAddress   string `json:"containerd_address,omitempty"`
 	ContainerdNamespace string `json:"containerd_namespace,omitempty"`
+	// Image is the image the container was started from as its engine names
+	// it, when known at start (shown by `seamless list`).
+	Image string `json:"image,omitempty"`
+	// DockerHost is the Docker API socket (engine "docker").
+	DockerHost string `json:"docker_host,omitempty"`
+	// PodmanContainersDir is podman's <graphroot>/<driver>-containers
+	// directory in containers/storage (engine "podman").
+	PodmanContainersDir string `json:"podman_containers_dir,omitempty"`
 	StateDir            string `json:"state_dir"`
 	RunDir              string `json:"run_dir"`
 }
@@ -119,6 +128,7 @@ type Info struct {
 	Bundle      string `json:"bundle"`
 	Engine      string `json:"engine,omitempty"`
 	Namespace   string `json:"namespace,omitempty"`
+	Image       string `json:"image,omitempty"`
 	Socket      string `json:"socket"`
 	StartedAt   string `json:"started_at"`
 }

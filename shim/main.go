@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+
+	"github.com/seamless-snapshot/seamless/watchdog"
 )
 
 // RoleShim is the value of the role variable (uploader.EnvRole) that makes a
@@ -49,6 +51,14 @@ func Main(args []string) int {
 		report("error: " + err.Error())
 		return 1
 	}
+	wd, err := watchdog.ClientFromEnv()
+	if err != nil {
+		report("error: " + err.Error())
+		return 1
+	}
+	if wd != nil {
+		s.SetWatchdog(wd)
+	}
 	l, err := s.Listen()
 	if errors.Is(err, ErrAlreadyRunning) {
 		report("ready: already running")
@@ -59,6 +69,11 @@ func Main(args []string) int {
 		return 1
 	}
 	report("ready")
+	if wd != nil {
+		if err := wd.Hello(); err != nil {
+			logger.Printf("shim for %s: thaw watchdog unreachable, snapshots will fail: %v", cfg.ContainerID, err)
+		}
+	}
 	if err := s.Run(context.Background(), l); err != nil {
 		logger.Printf("shim for %s: %v", cfg.ContainerID, err)
 		return 1

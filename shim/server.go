@@ -23,6 +23,7 @@ func (s *Shim) handler() http.Handler {
 	mux.HandleFunc("GET /v1/info", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.info())
 	})
+	mux.Handle("GET /metrics", newMetrics(s.store, s.cfg.ContainerID))
 	return mux
 }
 

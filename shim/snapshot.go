@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/opencontainers/cgroups"
 
 	"github.com/seamless-snapshot/seamless/freezer"
 	"github.com/seamless-snapshot/seamless/overlay"
@@ -60,7 +61,7 @@ func (s *Shim) Snapshot(ctx context.Context, req snapshot.Request) (*snapshot.St
 	}
 	defer s.busy.Unlock()
 
-	base, err := s.baseImage(ctx)
+	base, err := s.baseImage(ctx, req)
 	if err != nil {
 		return nil, err
 	}
@@ -94,9 +95,10 @@ func (s *Shim) Snapshot(ctx context.Context, req snapshot.Request) (*snapshot.St
 	return st, nil
 }
 
-// capture freezes the container, copies the upper dir and thaws. The thaw
-// happens on every path out of this function.
-func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mount, dir string) (err error) {
+// capture pre-copies the upper dir while the container runs, then freezes
+// it, re-captures what changed meanwhile, thaws, and seals the capture. The
+// thaw happens on every path out of the frozen section.
+func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mount, dir string) error {
 	fr, err := freezer.FromCgroupPaths(s.cfg.CgroupPaths, freezer.Kind(s.cfg.Freezer))
 	if err != nil {
 		return fmt.Errorf("freezer of %s: %w", s.cfg.ContainerID, err)
@@ -104,15 +106,59 @@ func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mou
 	defer fr.Close()
 	st.Freezer = string(fr.Kind())
 
-	start := time.Now()
-	if _, err := fr.Freeze(ctx, s.freezeTimeout); err != nil {
+	pre, err := overlay.StartPrecopy(ctx, mnt.Upperdir, dir, overlay.PrecopyOptions{
+		CaptureOptions: overlay.CaptureOptions{UserXattr: mnt.UserXattr()},
+		Mountpoint:     mnt.Mountpoint,
+	})
+	if err != nil {
+		return fmt.Errorf("pre-copy %s: %w", mnt.Upperdir, err)
+	}
+	defer pre.Close()
+	pstats := pre.Stats()
+	if pstats.DataCopy == "reflink" || pstats.DataCopy == "mixed" {
+		// FICLONE of a file with dirty pages forces writeback: do it now,
+		// not in the pause.
+		if err := overlay.SyncFS(mnt.Upperdir); err != nil {
+			return fmt.Errorf("sync %s: %w", mnt.Upperdir, err)
+		}
+	}
+	fstats, err := s.frozenRecapture(ctx, st, fr, pre)
+	if err != nil {
 		return err
+	}
+	m, err := pre.Seal(ctx)
+	if err != nil {
+		return fmt.Errorf("seal capture of %s: %w", mnt.Upperdir, err)
+	}
+	st.Capture = snapshot.CaptureFigures{
+		Strategy: "precopy", DataCopy: pstats.DataCopy,
+		PrecopyMS: pstats.Duration.Milliseconds(), PrecopyRounds: pstats.Rounds,
+		DirtyEntries: fstats.DirtyEntries, Fallback: fstats.Fallback, FallbackReason: fstats.FallbackReason,
+	}
+	st.Entries = len(m.Entries)
+	st.Bytes = manifestBytes(m)
+	st.Phase = snapshot.PhaseCaptured
+	return s.store.Save(st)
+}
+
+// frozenRecapture is the pause: freeze, re-capture the dirty set, thaw. The
+// watchdog is armed for its whole length and the thaw runs on every path.
+func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *freezer.Freezer, pre *overlay.Precopy) (fstats overlay.FinishStats, err error) {
+	guard, err := s.armWatchdog(fr)
+	if err != nil {
+		return fstats, err
+	}
+	defer guard.disarm()
+	start := time.Now()
+	res, err := fr.Freeze(ctx, s.freezeTimeout)
+	if err != nil {
+		return fstats, err
 	}
 	frozenAt := time.Now()
 	thawed := false
 	defer func() {
 		if !thawed {
-			if terr := fr.Thaw(); terr != nil {
+			if terr := guard.thaw(fr); terr != nil {
 				err = errors.Join(err, terr)
 			}
 		}
@@ -120,27 +166,43 @@ func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mou
 	if s.pauseDelay > 0 {
 		time.Sleep(s.pauseDelay)
 	}
-	m, stats, cerr := overlay.Capture(ctx, mnt.Upperdir, dir, overlay.CaptureOptions{UserXattr: mnt.UserXattr()})
-	capturedAt := time.Now()
+	pids, perr := cgroups.GetAllPids(fr.Dir())
+	if perr == nil {
+		fstats, perr = pre.Recapture(ctx, pids)
+	}
+	recapturedAt := time.Now()
 	thawed = true
-	if terr := fr.Thaw(); terr != nil {
-		return errors.Join(cerr, terr)
+	if terr := guard.thaw(fr); terr != nil {
+		return fstats, errors.Join(perr, terr)
 	}
 	end := time.Now()
 	st.Pause = snapshot.PauseTimes{
-		FreezeUS:  frozenAt.Sub(start).Microseconds(),
-		CaptureUS: capturedAt.Sub(frozenAt).Microseconds(),
-		ThawUS:    end.Sub(capturedAt).Microseconds(),
+		FreezeUS:   res.Wait.Microseconds(),
+		DrainUS:    fstats.Drain.Microseconds(),
+		MmapScanUS: fstats.MmapScan.Microseconds(),
+		CaptureUS:  recapturedAt.Sub(frozenAt).Microseconds(),
+		ThawUS:     end.Sub(recapturedAt).Microseconds(),
 	}
 	st.PauseUS = end.Sub(start).Microseconds()
 	st.CapturedAt = frozenAt.UTC()
-	if cerr != nil {
-		return fmt.Errorf("capture %s: %w", mnt.Upperdir, cerr)
+	if perr != nil {
+		return fstats, fmt.Errorf("re-capture in the pause: %w", perr)
 	}
-	st.Entries = len(m.Entries)
-	st.Bytes = stats.Bytes
-	st.Phase = snapshot.PhaseCaptured
-	return s.store.Save(st)
+	return fstats, nil
+}
+
+// manifestBytes is the size of the file data a manifest refers to, each
+// data file counted once.
+func manifestBytes(m *overlay.Manifest) int64 {
+	seen := map[string]bool{}
+	var n int64
+	for _, e := range m.Entries {
+		if e.Data != "" && !seen[e.Data] {
+			seen[e.Data] = true
+			n += e.Size
+		}
+	}
+	return n
 }
 
 func (s *Shim) startUploader(st *snapshot.State) error {

@@ -29,6 +29,11 @@ const (
 	PhaseFailed    Phase = "failed"
 )
 
+// PhaseInterrupted is never written to state.json: readers derive it for a
+// snapshot left in a non-final phase whose uploader is gone (killed, host
+// rebooted). `seamless retry` continues such a snapshot.
+const PhaseInterrupted Phase = "interrupted"
+
 // Final reports whether no more progress will happen without intervention.
 func (p Phase) Final() bool { return p == PhaseDone || p == PhaseFailed }
 
@@ -38,17 +43,69 @@ type Request struct {
 	PlainHTTP   bool   `json:"plain_http,omitempty"`
 	Insecure    bool   `json:"insecure,omitempty"`
 	Compression string `json:"compression,omitempty"`
+	// Base, when set, is the registry reference of the container's base
+	// image, used instead of what the container's engine reports.
+	Base string `json:"base,omitempty"`
+	// OCI asks for OCI media types even when the base image uses Docker
+	// schema2 ones (zstd layers always get OCI media types).
+	OCI bool `json:"oci,omitempty"`
+	// RetryTimeout is how long transient registry errors are retried
+	// (0: the uploader's default, 10 minutes).
+	RetryTimeout Duration `json:"retry_timeout,omitempty"`
+}
+
+// Duration is a time.Duration written to JSON as a Go duration string
+// ("10m0s"); a JSON number is read as seconds. Negative values are refused.
+type Duration time.Duration
+
+// MarshalJSON writes d as a duration string.
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return json.Marshal(time.Duration(d).String())
+}
+
+// UnmarshalJSON reads a duration string ("90s", "10m") or a number of seconds.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var v any
+	if err := json.Unmarshal(b, &v); err != nil {
+		return fmt.Errorf("duration: %w", err)
+	}
+	var dur time.Duration
+	switch v := v.(type) {
+	case string:
+		p, err := time.ParseDuration(v)
+		if err != nil {
+			return fmt.Errorf("duration %q: %w", v, err)
+		}
+		dur = p
+	case float64:
+		dur = time.Duration(v * float64(time.Second))
+	default:
+		return fmt.Errorf("duration: want a string like \"10m\" or a number of seconds, got %s", b)
+	}
+	if dur < 0 {
+		return fmt.Errorf("duration %s: must not be negative", dur)
+	}
+	*d = Duration(dur)
+	return nil
 }
 
 // Base names the image the container was started from.
 type Base struct {
 	// Ref is the image name as recorded by the engine (e.g. containerd's image name).
 	Ref string `json:"ref,omitempty"`
-	// Source is where the base's blobs are read from: "containerd".
+	// Source is where the base's blobs are read from: "containerd" (its
+	// content store) or "registry" (Ref is a registry reference).
 	Source string `json:"source,omitempty"`
 	// ContainerdAddress and ContainerdNamespace locate containerd's content store.
 	ContainerdAddress   string `json:"containerd_address,omitempty"`
 	ContainerdNamespace string `json:"containerd_namespace,omitempty"`
+	// PlainHTTP and Insecure apply to a "registry" base: plain HTTP, or TLS
+	// without verification.
+	PlainHTTP bool `json:"plain_http,omitempty"`
+	Insecure  bool `json:"insecure,omitempty"`
+	// DiffIDs, when known, are the uncompressed layer digests the engine ran
+	// the container on; a "registry" base must have exactly these layers.
+	DiffIDs []string `json:"diff_ids,omitempty"`
 }
 
 // PauseTimes breaks the pause down into its parts, in microseconds.
@@ -85,6 +142,27 @@ type CaptureFigures struct {
 	FallbackReason string `json:"fallback_reason,omitempty"`
 }
 
+// UploadFigures describe the uploader's work, over all its runs.
+type UploadFigures struct {
+	// Runs counts uploader processes started for the snapshot (1 + retries).
+	Runs int `json:"runs,omitempty"`
+	// StartedAt is when the first uploader started; FinishedAt when the
+	// snapshot reached done or failed.
+	StartedAt  time.Time `json:"started_at,omitzero"`
+	FinishedAt time.Time `json:"finished_at,omitzero"`
+	// BuildMS and PushMS time the last run's build (or spool check) and push.
+	BuildMS int64 `json:"build_ms,omitempty"`
+	PushMS  int64 `json:"push_ms,omitempty"`
+	// SpoolReused is true when the last run pushed a spool built by an
+	// earlier one.
+	SpoolReused bool `json:"spool_reused,omitempty"`
+	// PushedBytes counts request body bytes sent to the registry (blobs
+	// actually uploaded and manifests; blobs it already had cost nothing).
+	PushedBytes int64 `json:"pushed_bytes,omitempty"`
+	// Retries counts push attempts that failed with a transient error.
+	Retries int `json:"retries,omitempty"`
+}
+
 // Progress counts bytes of the current phase.
 type Progress struct {
 	Done  int64 `json:"done"`
@@ -93,25 +171,38 @@ type Progress struct {
 
 // State is the content of state.json.
 type State struct {
-	ID          string     `json:"id"`
-	Container   string     `json:"container"`
-	Target      string     `json:"target"`
-	Request     Request    `json:"request"`
-	Base        Base       `json:"base"`
-	Phase       Phase      `json:"state"`
-	PauseUS     int64      `json:"pause_us"`
-	Pause       PauseTimes `json:"pause"`
-	Freezer     string     `json:"freezer,omitempty"`
-	CapturedAt  time.Time  `json:"captured_at"`
-	Entries     int        `json:"entries"`
-	Bytes       int64      `json:"bytes"`
-	Progress    Progress   `json:"progress"`
-	Digest      string     `json:"digest,omitempty"`
-	LayerDigest string     `json:"layer_digest,omitempty"`
-	PushedRef   string     `json:"pushed_ref,omitempty"`
-	Error       string     `json:"error,omitempty"`
-	UploaderPID int        `json:"uploader_pid,omitempty"`
-	UpdatedAt   time.Time  `json:"updated_at"`
+	ID        string     `json:"id"`
+	Container string     `json:"container"`
+	Target    string     `json:"target"`
+	Request   Request    `json:"request"`
+	Base      Base       `json:"base"`
+	Phase     Phase      `json:"state"`
+	PauseUS   int64      `json:"pause_us"`
+	Pause     PauseTimes `json:"pause"`
+	Freezer   string     `json:"freezer,omitempty"`
+	// Capture tells how the capture was made (pre-copy, dirty set, fallback).
+	Capture     CaptureFigures `json:"capture"`
+	CapturedAt  time.Time      `json:"captured_at"`
+	Entries     int            `json:"entries"`
+	Bytes       int64          `json:"bytes"`
+	Progress    Progress       `json:"progress"`
+	Digest      string         `json:"digest,omitempty"`
+	LayerDigest string         `json:"layer_digest,omitempty"`
+	// DiffID, LayerSize and LayerUncompressedSize describe the built layer
+	// (the spool), recorded once it is complete so that a resumed upload
+	// can check and reuse it.
+	DiffID                string `json:"diff_id,omitempty"`
+	LayerSize             int64  `json:"layer_size,omitempty"`
+	LayerUncompressedSize int64  `json:"layer_uncompressed_size,omitempty"`
+	PushedRef             string `json:"pushed_ref,omitempty"`
+	Error                 string `json:"error,omitempty"`
+	UploaderPID           int    `json:"uploader_pid,omitempty"`
+	// UploaderStart is the uploader's start time (field 22 of
+	// /proc/PID/stat, clock ticks after boot): with UploaderPID it tells a
+	// live uploader from a recycled pid.
+	UploaderStart uint64        `json:"uploader_start,omitempty"`
+	Upload        UploadFigures `json:"upload,omitzero"`
+	UpdatedAt     time.Time     `json:"updated_at"`
 }
 
 // File names inside a snapshot directory.

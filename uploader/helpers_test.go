@@ -41,6 +41,9 @@ type testRegistry struct {
 	reqs []string // "METHOD path?query"
 	// onRequest, when set, runs before each request is served.
 	onRequest func(r *http.Request)
+	// intercept, when set, may answer a request itself (returning true)
+	// instead of the registry.
+	intercept func(w http.ResponseWriter, r *http.Request) bool
 }
 
 func newTestRegistry(t *testing.T) *testRegistry {
@@ -57,13 +60,23 @@ func (tr *testRegistry) handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tr.mu.Lock()
 		tr.reqs = append(tr.reqs, r.Method+" "+r.URL.RequestURI())
-		hook := tr.onRequest
+		hook, intercept := tr.onRequest, tr.intercept
 		tr.mu.Unlock()
 		if hook != nil {
 			hook(r)
 		}
+		if intercept != nil && intercept(w, r) {
+			return
+		}
 		reg.ServeHTTP(w, r)
 	})
+}
+
+// setIntercept sets (or, with nil, clears) intercept.
+func (tr *testRegistry) setIntercept(f func(w http.ResponseWriter, r *http.Request) bool) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	tr.intercept = f
 }
 
 // mark returns the number of requests so far, for since.

@@ -3,11 +3,15 @@ package uploader
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -18,9 +22,39 @@ import (
 	"github.com/seamless-snapshot/seamless/snapshot"
 )
 
+// Retry says how patiently transient push errors (connection refused or
+// reset, timeouts, 408, 429, 5xx) are retried. Every push attempt starts
+// over with remote.Write, which skips the blobs the registry already has.
+type Retry struct {
+	// For is how long transient errors are retried, counted from the first
+	// failure after the last attempt that sent data (default 10 minutes).
+	For time.Duration
+	// Initial is the first wait (default 1s); each wait doubles up to Max
+	// (default 30s). Every wait is jittered to 50–150 %.
+	Initial, Max time.Duration
+}
+
+// DefaultRetryFor is Retry.For when neither the request nor the
+// environment (EnvRetryTimeout) sets it.
+const DefaultRetryFor = 10 * time.Minute
+
+func (r Retry) withDefaults() Retry {
+	if r.For <= 0 {
+		r.For = DefaultRetryFor
+	}
+	if r.Initial <= 0 {
+		r.Initial = time.Second
+	}
+	if r.Max <= 0 {
+		r.Max = 30 * time.Second
+	}
+	return r
+}
+
 // push writes img to ref, retrying transient failures, and returns the
 // pushed manifest's digest. Blobs the registry already has are not sent.
 func (u *upload) push(ctx context.Context, ref name.Reference, img v1.Image, req snapshot.Request) (v1.Hash, error) {
+	start := time.Now()
 	digest, err := img.Digest()
 	if err != nil {
 		return v1.Hash{}, fmt.Errorf("compute manifest: %w", err)
@@ -28,27 +62,69 @@ func (u *upload) push(ctx context.Context, ref name.Reference, img v1.Image, req
 	if err := u.state.phase(snapshot.PhasePushing, 0); err != nil {
 		return v1.Hash{}, err
 	}
-	rt := u.transport(req)
-	r := u.opts.Retry
-	wait := r.Backoff
+	counter := &sendCounter{rt: u.transport(req)}
+	if u.opts.stall.point == stallPush {
+		counter.onSend = func(n int64) { u.stall(stallPush, n) }
+	}
+	defer func() {
+		sent := counter.sent.Load()
+		if err := u.state.update(func(st *snapshot.State) {
+			st.Upload.PushedBytes += sent
+			st.Upload.PushMS = time.Since(start).Milliseconds()
+		}); err != nil {
+			u.logf("%v", err)
+		}
+	}()
+	r := u.retry(req)
+	wait := r.Initial
+	var streak time.Time // first failure since data last moved
 	for attempt := 1; ; attempt++ {
-		err = u.pushOnce(ctx, ref, img, rt)
+		before := counter.sent.Load()
+		err := u.pushOnce(ctx, ref, img, counter)
 		if err == nil {
+			u.stall(stallPushed, 0)
 			return digest, nil
 		}
-		err = fmt.Errorf("push %s: %w", ref, err)
-		if attempt >= r.Attempts || ctx.Err() != nil || !transient(err) {
+		err = fmt.Errorf("push %s: %w", ref, withHint(err, req))
+		if ctx.Err() != nil || !transient(err) {
 			return v1.Hash{}, err
 		}
-		u.logf("attempt %d/%d: %v; retrying in %v", attempt, r.Attempts, err, wait)
-		if err := sleep(ctx, wait); err != nil {
+		now := time.Now()
+		if streak.IsZero() || counter.sent.Load() > before {
+			streak, wait = now, r.Initial
+		}
+		d := jitter(wait)
+		if now.Add(d).Sub(streak) > r.For {
+			return v1.Hash{}, fmt.Errorf("%w (gave up after retrying for %v)", err, now.Sub(streak).Round(time.Second))
+		}
+		u.logf("attempt %d: %v; retrying in %v", attempt, err, d.Round(time.Millisecond))
+		if err := u.state.update(func(st *snapshot.State) { st.Upload.Retries++ }); err != nil {
+			u.logf("%v", err)
+		}
+		if err := sleep(ctx, d); err != nil {
 			return v1.Hash{}, err
 		}
-		wait = min(2*wait, r.MaxBackoff)
+		wait = min(2*wait, r.Max)
 	}
 }
 
-// pushOnce is one remote.Write with progress reported to the state.
+// retry returns the retry policy: the request's timeout, else the
+// environment's, else the default.
+func (u *upload) retry(req snapshot.Request) Retry {
+	r := u.opts.Retry
+	if req.RetryTimeout > 0 {
+		r.For = time.Duration(req.RetryTimeout)
+	}
+	return r.withDefaults()
+}
+
+// jitter spreads d over 50–150 % of its value.
+func jitter(d time.Duration) time.Duration {
+	return d/2 + rand.N(d+1)
+}
+
+// pushOnce is one remote.Write with progress reported to the state. Its own
+// retries are off: push decides.
 func (u *upload) pushOnce(ctx context.Context, ref name.Reference, img v1.Image, rt http.RoundTripper) error {
 	updates := make(chan v1.Update, 16)
 	drained := make(chan struct{})
@@ -65,6 +141,7 @@ func (u *upload) pushOnce(ctx context.Context, ref name.Reference, img v1.Image,
 		remote.WithAuthFromKeychain(u.opts.Keychain),
 		remote.WithTransport(rt),
 		remote.WithProgress(updates),
+		remote.WithRetryPredicate(func(error) bool { return false }),
 	)
 	// remote closes updates when it returns; don't hang if it ever does not.
 	select {
@@ -90,25 +167,90 @@ func (u *upload) transport(req snapshot.Request) http.RoundTripper {
 	return t
 }
 
-// transient reports whether err may go away by itself: network failures and
-// registry answers 408, 429 and 5xx.
+// sendCounter counts the request body bytes sent to the registry's API.
+type sendCounter struct {
+	rt   http.RoundTripper
+	sent atomic.Int64
+	// onSend, when set, sees the running total after each read of a body.
+	onSend func(total int64)
+}
+
+// RoundTrip sends req, counting its body.
+func (c *sendCounter) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.Body != nil && req.Body != http.NoBody && strings.HasPrefix(req.URL.Path, "/v2/") {
+		req = req.Clone(req.Context())
+		req.Body = &countingBody{ReadCloser: req.Body, c: c}
+	}
+	return c.rt.RoundTrip(req)
+}
+
+// countingBody adds what is read from it to its counter.
+type countingBody struct {
+	io.ReadCloser
+	c *sendCounter
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	total := b.c.sent.Add(int64(n))
+	if b.c.onSend != nil {
+		b.c.onSend(total)
+	}
+	return n, err
+}
+
+// withHint adds what to do to a certificate error.
+func withHint(err error, req snapshot.Request) error {
+	if certError(err) && !req.Insecure {
+		return fmt.Errorf("%w (the registry's certificate is not trusted: install its CA, or use --target-insecure)", err)
+	}
+	return err
+}
+
+// certError reports a TLS certificate or protocol mismatch: retrying
+// cannot fix it.
+func certError(err error) bool {
+	var verr *tls.CertificateVerificationError
+	var uerr x509.UnknownAuthorityError
+	var herr x509.HostnameError
+	var cerr x509.CertificateInvalidError
+	var rerr tls.RecordHeaderError
+	return errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr) ||
+		errors.As(err, &cerr) || errors.As(err, &rerr)
+}
+
+// transient reports whether err may go away by itself: a registry that
+// cannot be reached for now, a connection cut, a timeout, or a registry
+// answer 408, 429 or 5xx.
 func transient(err error) bool {
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || certError(err) {
 		return false
 	}
 	var terr *transport.Error
 	if errors.As(err, &terr) {
 		switch terr.StatusCode {
-		case http.StatusRequestTimeout, http.StatusTooManyRequests, http.StatusInternalServerError,
-			http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+		case http.StatusRequestTimeout, http.StatusTooManyRequests:
 			return true
 		}
-		return false
+		return terr.StatusCode >= 500 && terr.StatusCode <= 599
+	}
+	for _, e := range []error{
+		syscall.ECONNREFUSED, syscall.ECONNRESET, syscall.ECONNABORTED, syscall.EPIPE,
+		syscall.ETIMEDOUT, syscall.EHOSTUNREACH, syscall.ENETUNREACH, syscall.ENETDOWN,
+		io.ErrUnexpectedEOF, io.EOF, net.ErrClosed,
+	} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	// Any other failure to dial, read or write, but a TLS alert from the
+	// registry (e.g. it wants a client certificate).
+	var oerr *net.OpError
+	if errors.As(err, &oerr) && oerr.Op != "remote error" {
+		return true
 	}
 	var nerr net.Error
-	return errors.As(err, &nerr) ||
-		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
-		errors.Is(err, syscall.EPIPE) || errors.Is(err, io.ErrUnexpectedEOF)
+	return errors.As(err, &nerr) && nerr.Timeout()
 }
 
 // sleep waits d or until ctx is done.

@@ -155,8 +155,8 @@ func TestSpawnErrors(t *testing.T) {
 }
 
 func TestUploaderEnv(t *testing.T) {
-	env := uploaderEnv([]string{"PATH=/bin", EnvRole + "=shim", config.EnvStateDir + "=/old", "HOME=/root"}, "/new")
-	want := []string{"PATH=/bin", "HOME=/root", EnvRole + "=" + RoleUploader, config.EnvStateDir + "=/new", envSync + "=3"}
+	env := uploaderEnv([]string{"PATH=/bin", EnvRole + "=shim", config.EnvStateDir + "=/old", envLock + "=9", "HOME=/root"}, "/new")
+	want := []string{"PATH=/bin", "HOME=/root", EnvRole + "=" + RoleUploader, config.EnvStateDir + "=/new", envSync + "=3", envLock + "=4"}
 	if fmt.Sprint(env) != fmt.Sprint(want) {
 		t.Errorf("uploaderEnv = %q, want %q", env, want)
 	}

@@ -3,29 +3,35 @@ package uploader
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 	"github.com/seamless-snapshot/seamless/snapshot"
 )
 
 // fastRetry keeps failing tests quick.
-var fastRetry = Retry{Attempts: 2, Backoff: 10 * time.Millisecond}
+var fastRetry = Retry{For: 50 * time.Millisecond, Initial: 10 * time.Millisecond}
 
 func TestUploadPushesBasePlusLayer(t *testing.T) {
 	for _, tc := range []struct {
@@ -144,12 +150,14 @@ func checkPushed(t *testing.T, pushed, base v1.Image, st *snapshot.State, layerT
 	if len(m.Layers) != len(bm.Layers)+1 {
 		t.Fatalf("pushed has %d layers, want %d", len(m.Layers), len(bm.Layers)+1)
 	}
+	// Media types stay the base's unless the image was converted to OCI.
+	sameTypes := wantMT == bm.MediaType
 	for i, l := range bm.Layers {
-		if m.Layers[i].Digest != l.Digest || m.Layers[i].MediaType != l.MediaType {
+		if m.Layers[i].Digest != l.Digest || m.Layers[i].Size != l.Size || sameTypes && m.Layers[i].MediaType != l.MediaType {
 			t.Errorf("base layer %d changed: %v", i, m.Layers[i])
 		}
 	}
-	if m.Config.MediaType != bm.Config.MediaType {
+	if sameTypes && m.Config.MediaType != bm.Config.MediaType {
 		t.Errorf("config media type %s, want %s", m.Config.MediaType, bm.Config.MediaType)
 	}
 	newDesc := m.Layers[len(m.Layers)-1]
@@ -297,7 +305,7 @@ func TestUploadRetriesUntilRegistryComesUp(t *testing.T) {
 		Layer: bytesLayer(tarOf(t, "a", "b")),
 		Base:  fixedBase(baseImage(t, true), &trackingCloser{}),
 		Log:   startOnRetry,
-		Retry: Retry{Attempts: 3, Backoff: 50 * time.Millisecond},
+		Retry: Retry{For: 10 * time.Second, Initial: 50 * time.Millisecond},
 	})
 	if err != nil {
 		t.Fatalf("Upload: %v", err)
@@ -306,6 +314,13 @@ func TestUploadRetriesUntilRegistryComesUp(t *testing.T) {
 		t.Fatalf("phase %s (%s), want done", st.Phase, st.Error)
 	}
 }
+
+// timeoutError is a net.Error that timed out.
+type timeoutError struct{}
+
+func (timeoutError) Error() string   { return "i/o timeout" }
+func (timeoutError) Timeout() bool   { return true }
+func (timeoutError) Temporary() bool { return true }
 
 type writerFunc func([]byte) (int, error)
 
@@ -463,6 +478,16 @@ func TestTransient(t *testing.T) {
 		{fmt.Errorf("push: %w", io.ErrUnexpectedEOF), true},
 		{context.Canceled, false},
 		{errors.New("unauthorized"), false},
+		{&url.Error{Op: "Get", URL: "http://r/v2/", Err: &net.OpError{Op: "dial", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}}, true},
+		{&url.Error{Op: "Put", URL: "http://r/v2/", Err: syscall.ECONNRESET}, true},
+		{&transport.Error{StatusCode: http.StatusTooManyRequests}, true},
+		{&transport.Error{StatusCode: http.StatusServiceUnavailable}, true},
+		{&transport.Error{StatusCode: http.StatusInternalServerError}, true},
+		{&transport.Error{StatusCode: http.StatusUnauthorized}, false},
+		{&transport.Error{StatusCode: http.StatusNotFound}, false},
+		{&url.Error{Op: "Get", URL: "https://r/v2/", Err: &tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}}}, false},
+		{&url.Error{Op: "Get", URL: "https://r/v2/", Err: &net.OpError{Op: "remote error", Err: errors.New("tls: bad certificate")}}, false},
+		{&url.Error{Op: "Get", URL: "https://r/v2/", Err: timeoutError{}}, true},
 	} {
 		if got := transient(tc.err); got != tc.want {
 			t.Errorf("transient(%v) = %v, want %v", tc.err, got, tc.want)

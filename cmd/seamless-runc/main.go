@@ -169,15 +169,19 @@ func warn(call *hook.RuncCall, err error) {
 	fmt.Fprintf(f, "time=%q level=warning msg=%q\n", now, msg)
 }
 
+// defaultRuncDirs are searched after PATH: podman runs its runtime for
+// kill, stop and delete with an environment that has no PATH.
+const defaultRuncDirs = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 // findRunc returns the real runc: $SEAMLESS_RUNC, else the first "runc" in
-// PATH that is not this binary.
+// PATH (then defaultRuncDirs) that is not this binary.
 func findRunc() (string, error) {
 	if p := os.Getenv(EnvRunc); p != "" {
 		return p, nil
 	}
 	self, _ := os.Executable()
 	selfReal, _ := filepath.EvalSymlinks(self)
-	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
+	for _, dir := range filepath.SplitList(os.Getenv("PATH") + ":" + defaultRuncDirs) {
 		if dir == "" {
 			continue
 		}

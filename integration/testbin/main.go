@@ -1,5 +1,14 @@
 // Command testbin is a static helper copied into test images: busybox has no
-// xattr tools. Usage: testbin setxattr PATH NAME VALUE | testbin getxattr PATH NAME
+// xattr tools, and the pause benchmark needs a probe, a consistency writer
+// and a fast way to fill a container's upper dir.
+//
+// Usage:
+//
+//	testbin setxattr PATH NAME VALUE
+//	testbin getxattr PATH NAME
+//	testbin probe [--out FILE] [--min-gap D] [--capacity N]   (see probe.go)
+//	testbin writer --dir D [--rate N] [--pool P]              (see writer.go)
+//	testbin fill --dir D --files N --size S [--per-dir K]      (see fill.go)
 package main
 
 import (
@@ -18,7 +27,7 @@ func main() {
 
 func run(args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("usage: testbin setxattr PATH NAME VALUE | getxattr PATH NAME")
+		return fmt.Errorf("usage: testbin setxattr PATH NAME VALUE | getxattr PATH NAME | probe | writer | fill")
 	}
 	switch args[0] {
 	case "setxattr":
@@ -37,6 +46,12 @@ func run(args []string) error {
 		}
 		fmt.Printf("%s\n", buf[:n])
 		return nil
+	case "probe":
+		return probe(args[1:])
+	case "writer":
+		return writer(args[1:])
+	case "fill":
+		return fill(args[1:])
 	}
 	return fmt.Errorf("unknown command %q", args[0])
 }

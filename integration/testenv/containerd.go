@@ -37,6 +37,9 @@ type ContainerdOptions struct {
 	LogLevel string
 	// StartTimeout bounds the wait for the API; default 30s.
 	StartTimeout time.Duration
+	// CRI, when set, enables the CRI plugin (see cri.go); Namespace then
+	// defaults to "k8s.io".
+	CRI *CRIOptions
 }
 
 // Containerd is an isolated containerd started by StartContainerd.
@@ -109,6 +112,9 @@ func newContainerd(dir string, opts ContainerdOptions) (*Containerd, error) {
 	c.Namespace = opts.Namespace
 	c.CgroupParent = "/seamless-test-" + suffix
 	c.runDirsCreated = missingDirs(shimSocketDir, shimRunDir)
+	if c.Namespace == "" && opts.CRI != nil {
+		c.Namespace = CRINamespace
+	}
 	if c.Namespace == "" {
 		c.Namespace = DefaultNamespace
 	}
@@ -124,7 +130,11 @@ func newContainerd(dir string, opts ContainerdOptions) (*Containerd, error) {
 	if level == "" {
 		level = "info"
 	}
-	if err := os.WriteFile(c.configPath(), []byte(c.config(level)), 0o644); err != nil {
+	text := c.config(level)
+	if opts.CRI != nil {
+		text = c.criConfig(level, opts.CRI)
+	}
+	if err := os.WriteFile(c.configPath(), []byte(text), 0o644); err != nil {
 		return nil, fmt.Errorf("write config: %w", err)
 	}
 	return c, nil

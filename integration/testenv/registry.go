@@ -25,6 +25,12 @@ type RegistryOptions struct {
 	Binary string
 	// StartTimeout bounds the wait for GET /v2/; default 30s.
 	StartTimeout time.Duration
+	// TLS serves HTTPS with a self-signed certificate for 127.0.0.1 and
+	// localhost (Registry.CertPath), which no client trusts by default.
+	TLS bool
+	// Htpasswd, when not empty, requires HTTP basic auth with these users
+	// (name → password), kept bcrypt-hashed in an htpasswd file.
+	Htpasswd map[string]string
 }
 
 // Registry is a distribution registry (v2.8) on 127.0.0.1, started by
@@ -40,7 +46,13 @@ type Registry struct {
 	LogPath string
 	// PID is the registry's process id.
 	PID int
+	// Scheme is "https" with RegistryOptions.TLS, else "http".
+	Scheme string
+	// CertPath is the PEM certificate served with RegistryOptions.TLS (it
+	// is its own CA: trust it, or skip verification).
+	CertPath string
 
+	opts      RegistryOptions
 	d         *daemon
 	client    *http.Client
 	closeOnce sync.Once
@@ -58,9 +70,14 @@ func StartRegistry(ctx context.Context, opts RegistryOptions) (*Registry, error)
 		Dir:        dir,
 		StorageDir: filepath.Join(dir, "storage"),
 		LogPath:    filepath.Join(dir, "registry.log"),
+		Scheme:     "http",
+		opts:       opts,
 		client:     &http.Client{Timeout: 10 * time.Second},
 	}
 	var errs []error
+	if err := r.prepareSecurity(); err != nil {
+		return nil, fmt.Errorf("start registry: %w", errors.Join(err, os.RemoveAll(dir)))
+	}
 	// The free port can be taken between probing and binding: retry.
 	for attempt := 0; attempt < 3; attempt++ {
 		err := r.start(ctx, opts)
@@ -90,6 +107,12 @@ func (r *Registry) start(ctx context.Context, opts RegistryOptions) error {
 	if err := os.WriteFile(cfg, []byte(r.config()), 0o644); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
+	return r.launch(ctx, opts)
+}
+
+// launch starts the registry process with the config already in Dir.
+func (r *Registry) launch(ctx context.Context, opts RegistryOptions) error {
+	cfg := filepath.Join(r.Dir, "config.yml")
 	bin := opts.Binary
 	if bin == "" {
 		bin = "docker-registry"
@@ -112,6 +135,10 @@ func (r *Registry) start(ctx context.Context, opts RegistryOptions) error {
 }
 
 func (r *Registry) config() string {
+	return r.baseConfig() + r.securityConfig()
+}
+
+func (r *Registry) baseConfig() string {
 	return fmt.Sprintf(`version: 0.1
 log:
   level: info
@@ -143,17 +170,18 @@ func (r *Registry) ping(ctx context.Context) error {
 		return err
 	}
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
+	if resp.StatusCode != http.StatusOK && !(resp.StatusCode == http.StatusUnauthorized && len(r.opts.Htpasswd) > 0) {
 		return fmt.Errorf("GET /v2/: %s", resp.Status)
 	}
 	return nil
 }
 
 func (r *Registry) get(ctx context.Context, path string) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+r.Host+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, r.Scheme+"://"+r.Host+path, nil)
 	if err != nil {
 		return nil, fmt.Errorf("request %s: %w", path, err)
 	}
+	r.authorize(req)
 	resp, err := r.client.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("GET %s: %w", path, err)
@@ -218,6 +246,38 @@ func isBlobUpload(line, digest string) bool {
 		return false
 	}
 	return u.Query().Get("digest") == digest
+}
+
+// Stop stops the registry process (SIGTERM, then SIGKILL), keeping its
+// storage, config and port for Restart. Clients then get "connection
+// refused".
+func (r *Registry) Stop() error {
+	if r.d == nil {
+		return nil
+	}
+	err := r.d.stop(10 * time.Second)
+	r.d = nil
+	if err != nil {
+		return fmt.Errorf("stop registry: %w", err)
+	}
+	return nil
+}
+
+// Restart starts the registry again on the same host and port, with the
+// same storage and config, stopping it first if it runs, and waits until
+// it answers. It fails if another process took the port meanwhile.
+func (r *Registry) Restart(ctx context.Context) error {
+	if err := r.Stop(); err != nil {
+		return err
+	}
+	if err := r.launch(ctx, r.opts); err != nil {
+		if r.d != nil {
+			err = errors.Join(err, r.d.stop(5*time.Second))
+			r.d = nil
+		}
+		return fmt.Errorf("restart registry: %w", err)
+	}
+	return nil
 }
 
 // Close stops the registry by PID and removes Dir. Later calls return the

@@ -1,5 +1,5 @@
 // Package role lets one seamless binary serve as the CLI or runtime wrapper
-// and, re-executed, as a shim or an uploader.
+// and, re-executed, as a shim, its watchdog or an uploader.
 package role
 
 import (
@@ -7,6 +7,7 @@ import (
 
 	"github.com/seamless-snapshot/seamless/shim"
 	"github.com/seamless-snapshot/seamless/uploader"
+	"github.com/seamless-snapshot/seamless/watchdog"
 )
 
 // Dispatch runs the role named by the role variable, if any, and exits; it
@@ -15,6 +16,8 @@ func Dispatch() {
 	switch os.Getenv(uploader.EnvRole) {
 	case shim.RoleShim:
 		os.Exit(shim.Main(os.Args))
+	case watchdog.Role:
+		os.Exit(watchdog.Main(os.Args))
 	case uploader.RoleUploader:
 		os.Exit(uploader.Main(os.Args))
 	}

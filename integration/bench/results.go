@@ -1,0 +1,188 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Results is everything a run produced: results.json.
+type Results struct {
+	Started  time.Time        `json:"started"`
+	Finished time.Time        `json:"finished"`
+	Host     Host             `json:"host"`
+	Options  Options          `json:"options"`
+	Sections map[string][]Row `json:"sections"`
+	Checks   []Check          `json:"checks"`
+	Notes    []string         `json:"notes"`
+	order    []string
+}
+
+// Host describes the machine the numbers come from.
+type Host struct {
+	Kernel      string `json:"kernel"`
+	CPUs        int    `json:"cpus"`
+	Go          string `json:"go"`
+	Clocksource string `json:"clocksource"`
+	LoadStart   string `json:"loadavg_start"`
+	LoadEnd     string `json:"loadavg_end"`
+}
+
+// notes explain how to read the numbers; they go to summary.txt and JSON.
+var notes = []string{
+	"pause = freeze requested -> thaw confirmed, by the tool's own clock (seamless: the shim's pause_us; others: the bench's clock around the same calls).",
+	"probe = the gap seen by a process spinning on CLOCK_MONOTONIC inside the container that covers the frozen interval: what the container's processes feel. It occupies one of the machine's CPUs for the whole run, so the shim, the writer and everything else share the rest.",
+	"request->thaw = from sending the request (seamless: POST /v1/snapshots, including pre-copy) to the thaw confirmed.",
+	"violations = captures breaking the writer's invariants (files: B <= A <= B+1 written by pwrite; mmap: N <= M <= N+1 with M written through a MAP_SHARED mapping) / captures checked; only with the writer.",
+	"floor (freeze -> nothing -> thaw) is inconsistent by design: its capture is read from the live upper right after the thaw, as the torn prototype did.",
+	"Strategies run round-robin on the same container. Seamless and the floor in the 10k/1GiB writer scenarios take --snapshots after a discarded warm-up; every other cell stops at --cell-time once it has 2 samples (N shown with c).",
+	"p99 is nearest-rank: with fewer than 100 samples it is the maximum.",
+}
+
+func newResults(opts Options) *Results {
+	return &Results{Started: time.Now().UTC(), Host: hostInfo(), Options: opts, Sections: map[string][]Row{}, Notes: notes}
+}
+
+func (r *Results) add(section string, rows []Row) {
+	if _, ok := r.Sections[section]; !ok {
+		r.order = append(r.order, section)
+	}
+	r.Sections[section] = append(r.Sections[section], rows...)
+}
+
+func hostInfo() Host {
+	var u unix.Utsname
+	unix.Uname(&u) //nolint:errcheck // best effort
+	return Host{
+		Kernel:      unix.ByteSliceToString(u.Release[:]),
+		CPUs:        runtime.NumCPU(),
+		Go:          runtime.Version(),
+		Clocksource: readTrim("/sys/devices/system/clocksource/clocksource0/current_clocksource"),
+		LoadStart:   readTrim("/proc/loadavg"),
+	}
+}
+
+func readTrim(p string) string {
+	b, _ := os.ReadFile(p)
+	return strings.TrimSpace(string(b))
+}
+
+// write prints the report and stores results.json, summary.txt and the
+// chart in dir.
+func (r *Results) write(dir string) error {
+	r.Finished, r.Host.LoadEnd = time.Now().UTC(), readTrim("/proc/loadavg")
+	r.Checks = targetChecks(r.Sections)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("results dir: %w", err)
+	}
+	var summary bytes.Buffer
+	r.printReport(io.MultiWriter(os.Stdout, &summary))
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode results: %w", err)
+	}
+	files := map[string][]byte{"results.json": data, "summary.txt": summary.Bytes()}
+	for name, b := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			return fmt.Errorf("write %s: %w", name, err)
+		}
+	}
+	chartRows := append(append([]Row(nil), r.Sections["pause"]...), r.Sections["freezer"]...)
+	if len(chartRows) > 0 {
+		if err := drawChart(filepath.Join(dir, "pause.png"), chartRows); err != nil {
+			return err
+		}
+	}
+	logf("results: %s/{results.json,summary.txt,pause.png}", dir)
+	return nil
+}
+
+// printReport writes the tables, the target checks and the notes.
+func (r *Results) printReport(w io.Writer) {
+	fmt.Fprintf(w, "\nseamless benchmark, %s, kernel %s, %d CPUs, %s, clocksource %s, load %s -> %s\n",
+		r.Started.Format(time.RFC3339), r.Host.Kernel, r.Host.CPUs, r.Host.Go, r.Host.Clocksource, r.Host.LoadStart, r.Host.LoadEnd)
+	for _, name := range r.order {
+		fmt.Fprintf(w, "\n== %s ==\n", name)
+		switch name {
+		case "freezer":
+			freezerTable(w, r.Sections[name])
+		case "upload":
+			uploadTable(w, r.Sections[name])
+		default:
+			pauseTable(w, r.Sections[name])
+		}
+	}
+	checksTable(w, r.Checks)
+	if r.Options.Quick {
+		fmt.Fprintln(w, "--quick: uppers shrunk (see UPPER) and few snapshots: a smoke test of the harness, not the issue's measurement.")
+	}
+	fmt.Fprintln(w, "\nNotes:")
+	for _, n := range r.Notes {
+		fmt.Fprintf(w, "  - %s\n", n)
+	}
+}
+
+// pauseTable prints one line per strategy and scenario.
+func pauseTable(w io.Writer, rows []Row) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "FS\tSCENARIO\tUPPER\tSTRATEGY\tN\tPAUSE p50\tp99\tPROBE p50\tp99\tREQ->THAW p50\tVIOLATIONS\tFREEZE p50\tCAPTURE p50\tTHAW p50\tPRECOPY p50\tERR")
+	for i := range rows {
+		r := &rows[i]
+		name := r.Strategy
+		if !r.Consistent {
+			name += "*"
+		}
+		n := fmt.Sprint(r.N)
+		if r.Capped {
+			n += "c"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n",
+			r.FS, r.label(), upperText(r), name, n, r.Pause.p50(), r.Pause.p99(), r.Probe.p50(), r.Probe.p99(), r.Latency.p50(),
+			r.verdictText(), r.Parts["freeze"].p50(), r.Parts["capture"].p50(), r.Parts["thaw"].p50(), precopyText(r), len(r.Errors))
+	}
+	tw.Flush()
+	fmt.Fprintln(w, "* inconsistent by design; N: measured snapshots (c: stopped at --cell-time); ERR: failed snapshots")
+}
+
+// upperText is what fill put in the upper dir: files x size.
+func upperText(r *Row) string {
+	if r.Files == 0 {
+		return "-"
+	}
+	size := r.Bytes / int64(r.Files)
+	switch {
+	case size >= 1<<20:
+		return fmt.Sprintf("%dx%dMiB", r.Files, size>>20)
+	case size >= 1<<10:
+		return fmt.Sprintf("%dx%dKiB", r.Files, size>>10)
+	}
+	return fmt.Sprintf("%dx%dB", r.Files, size)
+}
+
+func precopyText(r *Row) string {
+	if r.PrecopyMS.N == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0fms", r.PrecopyMS.P50)
+}
+
+// freezerTable prints one line per freezer mechanism.
+func freezerTable(w io.Writer, rows []Row) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "MECHANISM\tN\tFREEZE p50\tp99\tTHAW p50\tp99\tPAUSE p50\tPROBE p50\tp99\tERR")
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n", r.Strategy, r.N,
+			r.Parts["freeze"].p50(), r.Parts["freeze"].p99(), r.Parts["thaw"].p50(), r.Parts["thaw"].p99(),
+			r.Pause.p50(), r.Probe.p50(), r.Probe.p99(), len(r.Errors))
+	}
+	tw.Flush()
+}

@@ -1,0 +1,320 @@
+package overlay
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"runtime"
+	"strconv"
+	"strings"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// sharedMapping is one shared, writable file mapping of a process: stores
+// through it change the file without any fanotify event.
+type sharedMapping struct {
+	pid      int
+	addr     string // "start-end", the name under /proc/<pid>/map_files
+	dev, ino uint64 // as maps shows them: the overlay's (user-visible) inode
+	path     string // as maps shows it, without " (deleted)"
+	deleted  bool
+}
+
+// procmapQuery is struct procmap_query (linux/fs.h, Linux 6.11+): one
+// PROCMAP_QUERY ioctl on /proc/<pid>/maps finds the next VMA matching flags,
+// filtered in the kernel instead of formatting every VMA as text.
+type procmapQuery struct {
+	Size, QueryFlags, QueryAddr, VMAStart, VMAEnd, VMAFlags, VMAPageSize, VMAOffset, Inode uint64
+	DevMajor, DevMinor, VMANameSize, BuildIDSize                                           uint32
+	VMANameAddr, BuildIDAddr                                                               uint64
+}
+
+// PROCMAP_QUERY = _IOWR('f', 17, struct procmap_query) and its query flags.
+const (
+	procmapQueryReq         = 3<<30 | uintptr(unsafe.Sizeof(procmapQuery{}))<<16 | 'f'<<8 | 17
+	procmapWritable         = 0x02
+	procmapShared           = 0x08
+	procmapCoveringOrNext   = 0x10
+	procmapFileBacked       = 0x20
+	procmapSharedFileWrites = procmapCoveringOrNext | procmapWritable | procmapShared | procmapFileBacked
+)
+
+// mapsReader lists shared writable file mappings, with PROCMAP_QUERY when the
+// kernel has it and by parsing the maps text otherwise.
+type mapsReader struct {
+	noQuery bool   // PROCMAP_QUERY is not supported
+	name    []byte // heap buffer the kernel writes VMA names into
+	text    []byte // buffer for the text format
+}
+
+// read lists the shared writable file mappings of pid. A process that is
+// gone has none.
+func (r *mapsReader) read(pid int) ([]sharedMapping, error) {
+	fd, err := unix.Open("/proc/"+strconv.Itoa(pid)+"/maps", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open maps of pid %d: %w", pid, err)
+	}
+	defer unix.Close(fd)
+	if !r.noQuery {
+		out, err := r.query(pid, fd)
+		if err == nil {
+			return out, nil
+		}
+		if !errors.Is(err, unix.ENOTTY) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENAMETOOLONG) {
+			return nil, fmt.Errorf("query maps of pid %d: %w", pid, err)
+		}
+		r.noQuery = !errors.Is(err, unix.ENAMETOOLONG)
+	}
+	return r.parseText(pid, fd)
+}
+
+// query walks the matching VMAs of an open maps file with PROCMAP_QUERY.
+func (r *mapsReader) query(pid, fd int) ([]sharedMapping, error) {
+	if r.name == nil {
+		r.name = make([]byte, unix.PathMax+len(" (deleted)")+1)
+	}
+	var out []sharedMapping
+	for addr := uint64(0); ; {
+		q := procmapQuery{
+			Size: uint64(unsafe.Sizeof(procmapQuery{})), QueryFlags: procmapSharedFileWrites, QueryAddr: addr,
+			VMANameSize: uint32(len(r.name)), VMANameAddr: uint64(uintptr(unsafe.Pointer(&r.name[0]))),
+		}
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), procmapQueryReq, uintptr(unsafe.Pointer(&q)))
+		runtime.KeepAlive(r.name)
+		if errno == unix.ENOENT {
+			return out, nil
+		}
+		if errno != 0 {
+			return nil, errno
+		}
+		m := sharedMapping{
+			pid: pid, addr: fmt.Sprintf("%x-%x", q.VMAStart, q.VMAEnd),
+			dev: unix.Mkdev(q.DevMajor, q.DevMinor), ino: q.Inode, path: cString(r.name[:q.VMANameSize]),
+		}
+		if p, ok := strings.CutSuffix(m.path, " (deleted)"); ok {
+			m.path, m.deleted = p, true
+		}
+		if m.ino != 0 {
+			out = append(out, m)
+		}
+		addr = q.VMAEnd
+	}
+}
+
+// parseText reads and parses the maps text of an open maps file.
+func (r *mapsReader) parseText(pid, fd int) ([]sharedMapping, error) {
+	if r.text == nil {
+		r.text = make([]byte, 0, 256<<10)
+	}
+	b := r.text[:0]
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		n, err := unix.Read(fd, b[len(b):cap(b)])
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if errors.Is(err, unix.ESRCH) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read maps of pid %d: %w", pid, err)
+		}
+		if n == 0 {
+			break
+		}
+		b = b[:len(b)+n]
+	}
+	r.text = b[:0]
+	return parseMaps(pid, b)
+}
+
+// parseMaps extracts the shared writable file mappings of a maps text.
+func parseMaps(pid int, b []byte) ([]sharedMapping, error) {
+	var out []sharedMapping
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		m, ok, err := parseMapsLine(sc.Text())
+		if err != nil {
+			return nil, fmt.Errorf("maps of pid %d: %w", pid, err)
+		}
+		if ok {
+			m.pid = pid
+			out = append(out, m)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("parse maps of pid %d: %w", pid, err)
+	}
+	return out, nil
+}
+
+// parseMapsLine parses "start-end perms offset MAJ:MIN inode   path" and
+// reports whether it is a shared, writable mapping of a file.
+func parseMapsLine(line string) (sharedMapping, bool, error) {
+	var f [5]string
+	rest := line
+	for i := range f {
+		var ok bool
+		f[i], rest, ok = strings.Cut(rest, " ")
+		if !ok && i < len(f)-1 {
+			return sharedMapping{}, false, fmt.Errorf("malformed maps line %q", line)
+		}
+	}
+	perms := f[1]
+	if len(perms) < 4 || perms[1] != 'w' || perms[3] != 's' {
+		return sharedMapping{}, false, nil
+	}
+	ino, err := strconv.ParseUint(f[4], 10, 64)
+	if err != nil {
+		return sharedMapping{}, false, fmt.Errorf("maps line %q: inode: %w", line, err)
+	}
+	if ino == 0 {
+		return sharedMapping{}, false, nil // anonymous shared memory
+	}
+	maj, min, ok := strings.Cut(f[3], ":")
+	ma, err1 := strconv.ParseUint(maj, 16, 32)
+	mi, err2 := strconv.ParseUint(min, 16, 32)
+	if !ok || err1 != nil || err2 != nil {
+		return sharedMapping{}, false, fmt.Errorf("maps line %q: bad device", line)
+	}
+	m := sharedMapping{addr: f[0], dev: unix.Mkdev(uint32(ma), uint32(mi)), ino: ino, path: strings.TrimLeft(rest, " ")}
+	if p, ok := strings.CutSuffix(m.path, " (deleted)"); ok {
+		m.path, m.deleted = p, true
+	}
+	return m, true, nil
+}
+
+// mappedPaths returns the upper-relative paths a mapping may name: the maps
+// path is the merged mount's path when the process shares our mount
+// namespace, and the container-relative path when it runs pivot_root'ed in
+// its own. Newlines are shown as "\012".
+func (p *Precopy) mappedPaths(m sharedMapping) []string {
+	var cands []string
+	for _, raw := range []string{m.path, strings.ReplaceAll(m.path, `\012`, "\n")} {
+		for _, prefix := range p.mountPaths {
+			if rel, ok := relUnder(prefix, raw); ok && rel != "" {
+				cands = append(cands, rel)
+			}
+		}
+		if rel, ok := strings.CutPrefix(raw, "/"); ok {
+			cands = append(cands, rel)
+		}
+	}
+	return cands
+}
+
+// confirmMapped reports whether rel, in the upper dir or seen through the
+// merged mount, is the mapped file (same device and inode as maps shows:
+// the upper inode for an upper-only file, the overlay's for a copied-up one).
+func (p *Precopy) confirmMapped(rel string, m sharedMapping) bool {
+	if !validRelPath(rel) {
+		return false
+	}
+	if st, err := statBeneath(p.upperFd, rel); err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Ino == m.ino {
+		return true
+	}
+	if p.mountFd < 0 {
+		return false
+	}
+	st, err := statBeneath(p.mountFd, rel)
+	return err == nil && uint64(st.Dev) == m.dev && st.Ino == m.ino
+}
+
+// mappedNlink returns the link count of a mapping's file (0 once unlinked).
+func mappedNlink(m sharedMapping) (uint64, error) {
+	var st unix.Stat_t
+	err := unix.Stat(fmt.Sprintf("/proc/%d/map_files/%s", m.pid, m.addr), &st)
+	return uint64(st.Nlink), err
+}
+
+// statBeneath stats rel below dirfd without following symlinks or leaving
+// the mount, and without opening the object itself.
+func statBeneath(dirfd int, rel string) (*unix.Stat_t, error) {
+	fd, err := openat2(dirfd, rel, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, err
+	}
+	return &st, nil
+}
+
+// mapScan is the result of scanning the frozen tasks' mappings.
+type mapScan struct {
+	paths      map[string]bool // upper paths to re-capture
+	mappings   int             // shared writable mappings of the overlay seen
+	unresolved string          // a mapping of the overlay that no upper path could be found for
+}
+
+// scanMappings finds the upper files that the given processes map shared and
+// writable. A mapping of the overlay that cannot be tied to an upper path is
+// reported in unresolved (the caller must then re-copy everything).
+func (p *Precopy) scanMappings(pids []int) (mapScan, error) {
+	res := mapScan{paths: map[string]bool{}}
+	for _, pid := range pids {
+		maps, err := p.maps.read(pid)
+		if err != nil {
+			return res, err
+		}
+		for _, m := range maps {
+			if !p.ofOverlay(m) {
+				continue // another filesystem: tmpfs, a volume, /dev/zero...
+			}
+			res.mappings++
+			if !p.resolveMapping(m, res.paths) && res.unresolved == "" {
+				res.unresolved = fmt.Sprintf("pid %d maps %q (dev %d:%d ino %d) shared+writable and it cannot be found in the upper dir",
+					m.pid, m.path, unix.Major(m.dev), unix.Minor(m.dev), m.ino)
+			}
+		}
+	}
+	return res, nil
+}
+
+// ofOverlay reports whether m maps a file of the overlay. Without its mount
+// point, any overlayfs file counts.
+func (p *Precopy) ofOverlay(m sharedMapping) bool {
+	if p.ovlDev != 0 {
+		return m.dev == p.ovlDev
+	}
+	var fs unix.Statfs_t
+	err := unix.Statfs(fmt.Sprintf("/proc/%d/map_files/%s", m.pid, m.addr), &fs)
+	return err != nil || fs.Type == unix.OVERLAYFS_SUPER_MAGIC
+}
+
+// resolveMapping adds the upper paths of m to paths and reports whether the
+// mapped file is accounted for.
+func (p *Precopy) resolveMapping(m sharedMapping, paths map[string]bool) bool {
+	found := false
+	for _, rel := range p.mappedPaths(m) {
+		if _, excluded := p.excludedPath(rel); !excluded && p.confirmMapped(rel, m) {
+			paths[rel] = true
+			found = true
+		}
+	}
+	if found || !m.deleted {
+		return found
+	}
+	// An unlinked file is not in the capture, unless other names remain.
+	if n, err := mappedNlink(m); err == nil && n == 0 {
+		return true
+	}
+	for rel := range p.store.names(m.ino) {
+		if r := p.store.records[rel]; r != nil && r.Type == TypeFile {
+			paths[rel] = true
+			found = true
+		}
+	}
+	return found
+}

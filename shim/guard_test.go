@@ -1,0 +1,101 @@
+package shim
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/seamless-snapshot/seamless/freezer"
+	"github.com/seamless-snapshot/seamless/watchdog"
+)
+
+// fakeWatchdog answers every arm on a socket pair with ok (or the refusal
+// refuse) and returns the client end.
+func fakeWatchdog(t *testing.T, refuse string) *watchdog.Client {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := watchdog.NewClient(fds[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := os.NewFile(uintptr(fds[1]), "fake-watchdog")
+	t.Cleanup(func() { c.Close(); server.Close() })
+	go func() {
+		buf := make([]byte, 1<<16)
+		for {
+			n, err := server.Read(buf)
+			if err != nil || n == 0 {
+				return
+			}
+			if strings.Contains(string(buf[:n]), `"op":"arm"`) {
+				b, _ := json.Marshal(map[string]any{"ok": refuse == "", "error": refuse})
+				server.Write(b)
+			}
+		}
+	}()
+	return c
+}
+
+// emptyFreezer is the v1 freezer of a new, empty cgroup.
+func emptyFreezer(t *testing.T) *freezer.Freezer {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir := fmt.Sprintf("/sys/fs/cgroup/freezer/seamless-shim-test-%d", os.Getpid())
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Skip(err)
+	}
+	t.Cleanup(func() { os.Remove(dir) })
+	fr, err := freezer.Open(freezer.V1, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fr.Close() })
+	return fr
+}
+
+func TestPauseGuard(t *testing.T) {
+	fr := emptyFreezer(t)
+	s := &Shim{freezeTimeout: 20 * time.Millisecond, maxPause: 30 * time.Millisecond}
+
+	g, err := s.armWatchdog(fr)
+	if err != nil || g.thaw(fr) != nil {
+		t.Fatalf("without a watchdog: %v", err)
+	}
+	g.disarm()
+
+	s.SetWatchdog(fakeWatchdog(t, "not a freezer of this container"))
+	if _, err := s.armWatchdog(fr); err == nil || !strings.Contains(err.Error(), "no freeze without") {
+		t.Fatalf("refused arm: %v", err)
+	}
+
+	s.SetWatchdog(fakeWatchdog(t, ""))
+	g, err = s.armWatchdog(fr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.thaw(fr); err != nil {
+		t.Fatalf("thaw within the deadline: %v", err)
+	}
+	g.disarm()
+	g.disarm()
+
+	g, err = s.armWatchdog(fr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.disarm()
+	time.Sleep(60 * time.Millisecond)
+	if err := g.thaw(fr); err == nil || !strings.Contains(err.Error(), "deadline") {
+		t.Fatalf("thaw past the deadline: %v", err)
+	}
+}
