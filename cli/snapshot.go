@@ -261,7 +261,7 @@ func (a *App) printState(st *snapshot.State) error {
 	if st.LayerDigest != "" {
 		row("layer", fmt.Sprintf("%s (%s, %s uncompressed)", st.LayerDigest, humanBytes(st.LayerSize), humanBytes(st.LayerUncompressedSize)))
 	}
-	if u := st.Upload; u.Runs > 0 {
+	if st.Upload.Runs > 0 {
 		row("upload", uploadSummary(st))
 	}
 	row("digest", dash(st.Digest))

@@ -241,7 +241,10 @@ func (f *Freezer) Freeze(ctx context.Context, timeout time.Duration) (Result, er
 		return res, errors.Join(err, terr)
 	}
 	timeoutErr := &TimeoutError{Kind: f.kind, Dir: f.dir, Waited: res.Wait, Tasks: blockers(candidates)}
-	return res, errors.Join(timeoutErr, ctx.Err(), terr)
+	if more := errors.Join(ctx.Err(), terr); more != nil {
+		return res, errors.Join(timeoutErr, more)
+	}
+	return res, timeoutErr
 }
 
 // freezeAndConfirm requests the freeze and waits until it is confirmed

@@ -101,8 +101,9 @@ func TestUploadKilledAndRetried(t *testing.T) {
 		t.Errorf("status does not say how to continue:\n%s", res.stdout)
 	}
 
-	// Retry, stopped for good once 1 MiB is sent, then killed.
-	res = seamlessEnv(t, []string{"_SEAMLESS_TEST_STALL=push:1048576"}, "retry", sid)
+	// Retry, stopped for good once the push phase sent its first bytes
+	// (the layer itself went up while it was built), then killed.
+	res = seamlessEnv(t, []string{"_SEAMLESS_TEST_STALL=push:1"}, "retry", sid)
 	if res.code != 0 {
 		t.Fatalf("retry: exit %d\n%s", res.code, res.stderr)
 	}

@@ -99,3 +99,33 @@ func TestPauseGuard(t *testing.T) {
 		t.Fatalf("thaw past the deadline: %v", err)
 	}
 }
+
+// TestEnsureAnchor: with EnvFreezerAnchor, a shim on the v1 freezer keeps
+// the anchor frozen; on v2 it leaves it alone. The anchor is removed.
+func TestEnsureAnchor(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir, err := freezer.DefaultAnchorDir()
+	if err != nil {
+		t.Skip(err)
+	}
+	if _, err := os.Stat(dir); err == nil {
+		t.Skipf("%s exists already: in use, not touched", dir)
+	}
+	t.Cleanup(func() {
+		if err := freezer.RemoveAnchor(dir); err != nil {
+			t.Errorf("remove anchor: %v", err)
+		}
+	})
+	t.Setenv(EnvFreezerAnchor, "1")
+	paths := map[string]string{"freezer": "/sys/fs/cgroup/freezer/c", "": "/sys/fs/cgroup/unified/c"}
+	(&Shim{cfg: &Config{CgroupPaths: paths, Freezer: "v2"}}).ensureAnchor()
+	if _, err := os.Stat(dir); err == nil {
+		t.Fatal("a v2 shim created the v1 anchor")
+	}
+	(&Shim{cfg: &Config{CgroupPaths: paths}}).ensureAnchor()
+	if !freezer.AnchorFrozen(dir) {
+		t.Fatal("no frozen anchor")
+	}
+}

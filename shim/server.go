@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -130,21 +129,4 @@ func checkPeer(c net.Conn, uid uint32) error {
 		return fmt.Errorf("peer uid %d refused", cred.Uid)
 	}
 	return nil
-}
-
-// parseStartTime extracts field 22 of a /proc/<pid>/stat line.
-func parseStartTime(stat []byte) (uint64, error) {
-	s := string(stat)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, errors.New("malformed stat")
-	}
-	f := strings.Fields(s[i+1:])
-	// f[0] is field 3 (state); field 22 is f[19].
-	if len(f) < 20 {
-		return 0, errors.New("short stat")
-	}
-	var v uint64
-	_, err := fmt.Sscan(f[19], &v)
-	return v, err
 }

@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/seamless-snapshot/seamless/config"
 	"github.com/seamless-snapshot/seamless/freezer"
+	"github.com/seamless-snapshot/seamless/internal/proc"
 	"github.com/seamless-snapshot/seamless/snapshot"
 	"github.com/seamless-snapshot/seamless/watchdog"
 )
@@ -222,13 +222,7 @@ func (s *Shim) cleanup() {
 }
 
 // ProcessStartTime returns field 22 of /proc/<pid>/stat (start time in clock ticks).
-func ProcessStartTime(pid int) (uint64, error) {
-	b, err := os.ReadFile(filepath.Join("/proc", fmt.Sprint(pid), "stat"))
-	if err != nil {
-		return 0, err
-	}
-	return parseStartTime(b)
-}
+func ProcessStartTime(pid int) (uint64, error) { return proc.StartTime(pid) }
 
 // EnvFreezerAnchor ("1" or "true") makes shims that use the v1 freezer keep
 // the anchor cgroup freezer.AnchorName frozen (see freezer.EnsureAnchor):

@@ -144,6 +144,10 @@ func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mou
 // frozenRecapture is the pause: freeze, re-capture the dirty set, thaw. The
 // watchdog is armed for its whole length and the thaw runs on every path.
 func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *freezer.Freezer, pre *overlay.Precopy) (fstats overlay.FinishStats, err error) {
+	// A container the user paused stays paused: our thaw would undo it.
+	if frozen, ferr := fr.Frozen(); ferr == nil && frozen {
+		return fstats, fmt.Errorf("container %s is paused; resume it, then snapshot", s.cfg.ContainerID)
+	}
 	guard, err := s.armWatchdog(fr)
 	if err != nil {
 		return fstats, err

@@ -6,7 +6,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -146,84 +145,78 @@ func TestRegistryTLS(t *testing.T) {
 	}
 }
 
-// blobTrigger calls f once, when a PATCH or PUT of a blob upload has sent
-// more than after bytes.
-type blobTrigger struct {
-	rt    http.RoundTripper
-	after int64
-	f     func()
-	once  sync.Once
-}
-
-func (b *blobTrigger) RoundTrip(req *http.Request) (*http.Response, error) {
-	if (req.Method == http.MethodPatch || req.Method == http.MethodPut) && strings.Contains(req.URL.Path, "/blobs/uploads/") && req.Body != nil {
-		req = req.Clone(req.Context())
-		req.Body = &triggerBody{ReadCloser: req.Body, b: b}
-	}
-	return b.rt.RoundTrip(req)
-}
-
-type triggerBody struct {
-	io.ReadCloser
-	b    *blobTrigger
-	sent int64
-}
-
-func (t *triggerBody) Read(p []byte) (int, error) {
-	n, err := t.ReadCloser.Read(p)
-	t.sent += int64(n)
-	if t.sent > t.b.after {
-		t.b.once.Do(t.b.f)
-	}
-	return n, err
-}
-
 // TestRegistryDownMidPush: the registry dies while the layer is being
-// uploaded and comes back 30 s later on the same port; the push retries
-// through the outage and completes.
+// uploaded and comes back later on the same port; the push retries through
+// the outage and completes. Pushed from the spool, the outage lasts 30 s;
+// uploaded while built (a big layer), the stream is given up and the spool
+// pushed after a shorter outage.
 func TestRegistryDownMidPush(t *testing.T) {
 	needRegistry(t)
-	reg := testenv.StartRegistryT(t, testenv.RegistryOptions{})
-	store := snapshot.Store{Root: t.TempDir()}
-	target := reg.Host + "/outage/app:1"
-	newSnapshot(t, store, "s1", target)
-	layerTar := tarOf(t, "big", string(mixedData(4, 64<<20)))
+	for _, tc := range []struct {
+		name     string
+		streamed bool
+		downFor  time.Duration
+	}{
+		{"from the spool", false, 30 * time.Second},
+		{"while built", true, 5 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := testenv.StartRegistryT(t, testenv.RegistryOptions{})
+			store := snapshot.Store{Root: t.TempDir()}
+			target := reg.Host + "/outage/app:1"
+			newSnapshot(t, store, "s1", target)
+			layerTar := tarOf(t, "big", string(mixedData(4, 64<<20)))
 
-	const downFor = 30 * time.Second
-	var stopped, restarted time.Time
-	restartErr := make(chan error, 1)
-	stop := func() {
-		stopped = time.Now()
-		if err := reg.Stop(); err != nil {
-			restartErr <- err
-			return
-		}
-		go func() {
-			time.Sleep(downFor)
-			restarted = time.Now()
-			restartErr <- reg.Restart(context.Background())
-		}()
-	}
-	var logBuf bytes.Buffer
-	err := Upload(context.Background(), store, "s1", Options{
-		Layer:     bytesLayer(layerTar),
-		Base:      fixedBase(baseImage(t, false), &trackingCloser{}),
-		Log:       &logBuf,
-		Transport: &blobTrigger{rt: http.DefaultTransport.(*http.Transport).Clone(), after: 8 << 20, f: stop},
-	})
-	if rerr := <-restartErr; rerr != nil {
-		t.Fatalf("registry restart: %v", rerr)
-	}
-	if err != nil {
-		t.Fatalf("Upload through a %v outage: %v\n%s", downFor, err, logBuf.String())
-	}
-	st, _ := store.Load("s1")
-	t.Logf("outage %v, %d retries, pushed %d bytes, upload.log:\n%s", restarted.Sub(stopped).Round(time.Second), st.Upload.Retries, st.Upload.PushedBytes, logBuf.String())
-	if st.Phase != snapshot.PhaseDone || st.Upload.Retries < 3 || st.Upload.FinishedAt.Before(restarted) {
-		t.Fatalf("phase %s, %d retries, finished %v (restart %v)", st.Phase, st.Upload.Retries, st.Upload.FinishedAt, restarted)
-	}
-	if n, _ := reg.BlobUploads(st.LayerDigest); n != 1 {
-		t.Errorf("layer uploaded %d times in the registry log, want 1", n)
+			var stopped, restarted time.Time
+			var stopOnce sync.Once
+			restartErr := make(chan error, 1)
+			stop := func() {
+				stopped = time.Now()
+				if err := reg.Stop(); err != nil {
+					restartErr <- err
+					return
+				}
+				go func() {
+					time.Sleep(tc.downFor)
+					restarted = time.Now()
+					restartErr <- reg.Restart(context.Background())
+				}()
+			}
+			opts := Options{
+				Layer: bytesLayer(layerTar),
+				Base:  fixedBase(baseImage(t, false), &trackingCloser{}),
+				// The registry stops once 8 MiB went up (the layer: the
+				// base layers and the config are small).
+				Transport: &sendCounter{rt: http.DefaultTransport.(*http.Transport).Clone(), onSend: func(sent int64) {
+					if sent > 8<<20 {
+						stopOnce.Do(stop)
+					}
+				}},
+			}
+			if tc.streamed {
+				opts.LayerSize = int64(len(layerTar))
+			}
+			var logBuf bytes.Buffer
+			opts.Log = &logBuf
+			err := Upload(context.Background(), store, "s1", opts)
+			if rerr := <-restartErr; rerr != nil {
+				t.Fatalf("registry restart: %v", rerr)
+			}
+			if err != nil {
+				t.Fatalf("Upload through a %v outage: %v\n%s", tc.downFor, err, logBuf.String())
+			}
+			st, _ := store.Load("s1")
+			t.Logf("outage %v, %d retries, pushed %d bytes, upload.log:\n%s", restarted.Sub(stopped).Round(time.Second), st.Upload.Retries, st.Upload.PushedBytes, logBuf.String())
+			if st.Phase != snapshot.PhaseDone || st.Upload.Retries < 2 || st.Upload.FinishedAt.Before(restarted) {
+				t.Fatalf("phase %s, %d retries, finished %v (restart %v)", st.Phase, st.Upload.Retries, st.Upload.FinishedAt, restarted)
+			}
+			if tc.streamed != strings.Contains(logBuf.String(), "the spool is pushed instead") {
+				t.Errorf("streamed %v, but the log says:\n%s", tc.streamed, logBuf.String())
+			}
+			if n, _ := reg.BlobUploads(st.LayerDigest); n != 1 {
+				t.Errorf("layer uploaded %d times in the registry log, want 1", n)
+			}
+		})
 	}
 }
 

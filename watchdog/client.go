@@ -77,10 +77,34 @@ func NewClient(fd int) (*Client, error) {
 		return nil, fmt.Errorf("watchdog connection: fd %d is not a seqpacket socket (%v)", fd, err)
 	}
 	unix.CloseOnExec(fd)
+	fd = moveHigh(fd)
 	if err := unix.SetNonblock(fd, true); err != nil {
 		return nil, fmt.Errorf("watchdog connection: %w", err)
 	}
 	return &Client{conn: os.NewFile(uintptr(fd), "watchdog")}, nil
+}
+
+// highFD is where the connection moves to, if the fd limit allows.
+const highFD = 1000
+
+// moveHigh moves fd to a number above those the process will open, and
+// returns the new number (fd itself if it cannot). A dying process's files
+// are released in the reverse order of their numbers (the exit path queues
+// one task work per file and runs them last-in first-out): the highest goes
+// first, so the watchdog learns of the death before slow releases, such as
+// a fanotify group's (measured in the end-to-end test: thawed 14–24 ms
+// after the SIGKILL with the connection on fd 4, 1.6–2.9 ms from fd 1000).
+func moveHigh(fd int) int {
+	var rl unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) != nil || rl.Cur <= highFD || fd >= highFD {
+		return fd
+	}
+	hi, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, highFD)
+	if err != nil {
+		return fd
+	}
+	unix.Close(fd)
+	return hi
 }
 
 // Hello tells the watchdog that the child serves: from now on, its death

@@ -38,6 +38,7 @@ type Options struct {
 	WriterRate   int           `json:"writer_rate"`
 	MinGap       time.Duration `json:"probe_min_gap_ns"`
 	Push         bool          `json:"push"`
+	Uncapped     bool          `json:"uncapped"`
 	Scenarios    []string      `json:"scenarios,omitempty"`
 	FreezerIters int           `json:"freezer_iterations"`
 }
@@ -86,6 +87,7 @@ func parseFlags(args []string) (Options, error) {
 	fs.BoolVar(&o.XFS, "xfs", false, "also run the writer scenarios with containerd's root on an XFS loop image (reflink) and report pre-copy times next to ext4's")
 	fs.IntVar(&o.WriterRate, "writer-rate", 100, "consistency writer: files changed per second")
 	fs.DurationVar(&o.MinGap, "probe-min-gap", 10*time.Microsecond, "shortest gap the in-container probe records")
+	fs.BoolVar(&o.Uncapped, "uncapped", false, "every strategy takes --snapshots in every scenario, whatever the time (full run: over an hour)")
 	fs.BoolVar(&o.Push, "push", false, "let every seamless upload finish (outside the measurement) instead of interrupting it")
 	fs.IntVar(&o.FreezerIters, "freezer-iterations", 0, "freeze/thaw cycles per freezer mechanism (default 100, --quick 20)")
 	if err := fs.Parse(args); err != nil {

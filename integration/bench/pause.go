@@ -195,7 +195,7 @@ func newCells(c *container, sc scenarioSpec, load string) []*cell {
 	for _, s := range pauseStrategies(c.env.FS) {
 		critical := sc.headline() && load == loadWriter && (s.Name() == "seamless" || s.Name() == "floor")
 		cells = append(cells, &cell{
-			s: s, target: c.env.Opts.Snapshots, capped: !critical,
+			s: s, target: c.env.Opts.Snapshots, capped: !critical && !c.env.Opts.Uncapped,
 			row: Row{Section: "pause", FS: c.env.FS, Scenario: sc.Name, Load: load,
 				Files: sc.files(c.env.Opts.Quick), Bytes: int64(sc.files(c.env.Opts.Quick)) * sc.size(c.env.Opts.Quick),
 				Strategy: s.Name(), Consistent: s.Consistent()},

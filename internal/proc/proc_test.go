@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"testing"
+	"time"
 )
 
 func TestParseStat(t *testing.T) {
@@ -37,7 +38,12 @@ func TestAlive(t *testing.T) {
 	}
 	pid := cmd.Process.Pid
 	// Not yet reaped: a zombie, which is not alive.
+	deadline := time.Now().Add(10 * time.Second)
 	for Alive(pid, 0) {
+		if time.Now().After(deadline) {
+			t.Fatal("an exited, unreaped child is still alive")
+		}
+		time.Sleep(time.Millisecond)
 	}
 	cmd.Wait()
 	if Alive(pid, 0) || Alive(-1, 0) {
