@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -244,6 +245,12 @@ func (t *tracker) locate(handle string) (loc dirLocation, ok bool, err error) {
 		return loc, false, err
 	}
 	fd, err := unix.OpenByHandleAt(t.upperFd, fh, unix.O_PATH|unix.O_CLOEXEC)
+	// Decoding the handle of a directory being removed has been seen to fail
+	// with ENOMEM under rm -rf churn; try again before giving up on tracking.
+	for try := 0; errors.Is(err, unix.ENOMEM) && try < 3; try++ {
+		runtime.Gosched()
+		fd, err = unix.OpenByHandleAt(t.upperFd, fh, unix.O_PATH|unix.O_CLOEXEC)
+	}
 	if errors.Is(err, unix.ESTALE) || errors.Is(err, unix.ENOENT) {
 		return loc, false, nil
 	}

@@ -40,7 +40,8 @@ type container struct {
 	userXattr bool
 	fr        *freezer.Freezer // the freezer runc (and the shim) use
 	probe     *probeTracker
-	writing   bool // the consistency writer runs
+	writing   bool          // the consistency writer runs
+	paused    time.Duration // sum of the pauses of the snapshots taken
 	execSeq   atomic.Int64
 }
 
@@ -188,27 +189,30 @@ func (c *container) startWriter(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("start writer: %w", err)
 	}
-	fileA := c.upperPath(path.Join(writerDir, contract.FileA))
 	var first uint64
 	err = waitFor(ctx, 15*time.Second, 20*time.Millisecond, func() (bool, error) {
-		b, err := os.ReadFile(fileA)
-		if err != nil {
-			return false, nil
-		}
-		k, err := contract.ParseCounter(b)
-		if err != nil {
-			return false, nil
-		}
+		k := c.writerCounter()
 		if first == 0 {
 			first = k
 		}
-		return k > first+1, nil
+		return k > 0 && k > first+1, nil
 	})
 	if err != nil {
-		return fmt.Errorf("writer does not tick (%s): %w", fileA, err)
+		return fmt.Errorf("writer does not tick (see %s): %w", c.env.Ctd.LogDir, err)
 	}
 	c.writing = true
 	return syncFS(c.upper)
+}
+
+// writerCounter reads the writer's counter (file A) from the upper dir; 0
+// when there is none yet.
+func (c *container) writerCounter() uint64 {
+	b, err := os.ReadFile(c.upperPath(path.Join(writerDir, contract.FileA)))
+	if err != nil {
+		return 0
+	}
+	k, _ := contract.ParseCounter(b)
+	return k
 }
 
 // captureOpts are the overlay.Capture options for this container's upper.
@@ -220,6 +224,9 @@ func (c *container) captureOpts() overlay.CaptureOptions {
 func (c *container) close() error {
 	var errs []error
 	if c.probe != nil {
+		if c.probe.lost > 0 {
+			logf("  warning: %s: the probe's ring overflowed, %d gaps lost (raise --probe-min-gap?)", c.id, c.probe.lost)
+		}
 		errs = append(errs, c.probe.ring.Close())
 	}
 	if c.fr != nil {

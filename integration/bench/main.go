@@ -1,18 +1,37 @@
-// Command bench is seamless's benchmark harness (make bench). It starts its
-// own containerd (through seamless-runc) and registry with testenv, runs
-// containers from a test image that carries testbin, and measures sections:
+// Command bench is seamless's benchmark harness (make bench; needs root).
+// It starts its own containerd (runc through seamless-runc) and registry
+// with testenv, runs containers from a test image that carries testbin, and
+// measures sections:
 //
-//   - pause: how long a snapshot stops a running container, by the tool's
-//     clock and by a probe spinning inside the container, for seamless and
-//     for the strategies other tools use, with a consistency verdict per
-//     snapshot (see pause.go);
-//   - freezer: freezing alone, our freezer vs libcontainer's, cgroup v1 and
-//     v2 (see freezersection.go).
+//   - pause (issue 3): how long a snapshot stops a running container, by the
+//     tool's clock and by a probe spinning inside the container, for seamless
+//     and for what other tools do, side by side on the same containers, with
+//     a consistency verdict per snapshot (pause.go, strategies.go);
+//   - freezer (issue 3): freezing alone, our freezer vs libcontainer's, on
+//     cgroup v1 and v2 (freezersection.go);
+//   - upload (issue 4): upload.go.
 //
-// It prints a table per section and the issue's target checks, and writes
-// DIR/results.json, DIR/summary.txt and DIR/pause.png (--out DIR). Everything
-// it starts is torn down at the end, on error and on Ctrl-C; a run killed
-// harder is cleaned up by the next one. Needs root.
+// Usage:
+//
+//	go run ./integration/bench [--quick] [--sections pause,freezer,upload]
+//	    [--scenarios 1k,10k,50k,1GiB] [--snapshots N] [--cell-time D]
+//	    [--xfs] [--push] [--uncapped] [--out DIR]
+//
+// It prints a table per section and the issue's target checks (PASS/FAIL),
+// and writes DIR/results.json (every sample), DIR/summary.txt (the printed
+// report) and DIR/pause.png (probe p50/p99 per strategy and scenario, log
+// scale). Pause table columns: PAUSE = freeze requested → thaw confirmed by
+// the tool's clock (the shim's pause_us for seamless); PROBE = the gap the
+// in-container probe saw over the frozen interval (what the container's
+// processes feel); REQ->THAW = request → thaw confirmed (pre-copy
+// included); VIOLATIONS = captures breaking the writer's invariants /
+// captures checked; FREEZE, CAPTURE, THAW = the pause's parts; PRECOPY = the
+// shim's pre-copy time. The probe spins on one of the machine's CPUs for
+// the whole run.
+//
+// Everything it starts is torn down at the end, on error and on Ctrl-C; a
+// run killed harder is cleaned up by the next one (stale work dirs in
+// /tmp/sl-bench-*, testenv instances, the XFS loop mount).
 package main
 
 import (

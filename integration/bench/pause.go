@@ -127,13 +127,31 @@ func runScenario(ctx context.Context, env *Env, sc scenarioSpec) (rows []Row, er
 				return rows, err
 			}
 		}
+		k0, t0, p0 := c.writerCounter(), time.Now(), c.paused
 		r, err := runCells(ctx, c, sc, load)
+		if load == loadWriter && err == nil {
+			checkWriterRate(c, r, k0, time.Since(t0)-(c.paused-p0))
+		}
 		rows = append(rows, r...)
 		if err != nil {
 			return rows, err
 		}
 	}
 	return rows, nil
+}
+
+// checkWriterRate flags the rows of a writer load if the writer did not
+// keep at least half its rate while the container ran (running: the load's
+// time minus the pauses): their verdicts would then prove little.
+func checkWriterRate(c *container, rows []Row, k0 uint64, running time.Duration) {
+	rate := float64(c.writerCounter()-k0) / running.Seconds()
+	logf("  %s: the writer ticked %.0f times/s (asked %d)", c.id, rate, c.env.Opts.WriterRate)
+	if rate >= float64(c.env.Opts.WriterRate)/2 {
+		return
+	}
+	for i := range rows {
+		rows[i].Errors = append(rows[i].Errors, fmt.Sprintf("the writer ticked only %.0f times/s (asked %d)", rate, c.env.Opts.WriterRate))
+	}
 }
 
 // cell is one strategy in one scenario and load.
@@ -211,6 +229,7 @@ func runOnce(ctx context.Context, c *container, cl *cell, round int) error {
 	start := time.Now()
 	s, err := cl.s.Snapshot(ctx, c, round)
 	if err == nil {
+		c.paused += time.Duration(s.PauseUS * float64(time.Microsecond))
 		err = addProbe(c, &s)
 	}
 	cl.spent += time.Since(start)
