@@ -25,7 +25,7 @@ const (
 	groupGap    = 18
 	legendRowH  = 16
 	minChartW   = 640
-	chartRightM = 20
+	chartRightM = 60
 )
 
 var (
@@ -88,7 +88,7 @@ func groupRows(rows []Row) ([]group, []string) {
 		r := &rows[i]
 		g := group{key: r.Section + "/" + r.FS + "/" + r.label(), label: r.Scenario, label2: r.Load}
 		if r.Section == "freezer" {
-			g.label, g.label2 = "freezer", "alone"
+			g.label, g.label2 = "freezer", r.Scenario
 		}
 		if r.FS != fsExt4 {
 			g.label2 += "," + r.FS

@@ -57,8 +57,11 @@ func targetChecks(sections map[string][]Row) []Check {
 		out = append(out, ratioCheck(fmt.Sprintf("vs commit tools (10k, %s): commit-tar probe p50 >= 100x seamless", load),
 			probeP50(t), probeP50(s), "tar/seamless", 100, true))
 	}
-	lib, ours := x.get(fsExt4, "probe only", loadIdle, "libcontainer-v2"), x.get(fsExt4, "probe only", loadIdle, "ours-v2")
-	out = append(out, ratioCheck("freezer (cgroup v2): libcontainer Freeze p50 >= 10x ours", freezeP50(lib), freezeP50(ours), "lib/ours", 10, true))
+	for _, w := range freezeWorkloads {
+		lib, ours := x.get(fsExt4, w.name, loadIdle, "libcontainer-v2"), x.get(fsExt4, w.name, loadIdle, "ours-v2")
+		out = append(out, ratioCheck("freezer (cgroup v2, "+w.name+"): libcontainer Freeze p50 >= 10x ours",
+			freezeP50(lib), freezeP50(ours), "lib/ours", 10, true))
+	}
 	out = append(out, mmapCheck(x))
 	out = append(out, xfsChecks(x)...)
 	out = append(out, uploadChecks(x)...)

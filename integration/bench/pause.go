@@ -145,7 +145,8 @@ func runScenario(ctx context.Context, env *Env, sc scenarioSpec) (rows []Row, er
 // time minus the pauses): their verdicts would then prove little.
 func checkWriterRate(c *container, rows []Row, k0 uint64, running time.Duration) {
 	rate := float64(c.writerCounter()-k0) / running.Seconds()
-	logf("  %s: the writer ticked %.0f times/s (asked %d)", c.id, rate, c.env.Opts.WriterRate)
+	logf("  %s: the writer ticked %.0f times per second of running time (asked %d; it catches up after pauses shorter than 1s)",
+		c.id, rate, c.env.Opts.WriterRate)
 	if rate >= float64(c.env.Opts.WriterRate)/2 {
 		return
 	}

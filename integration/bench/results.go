@@ -42,8 +42,9 @@ var notes = []string{
 	"pause = freeze requested -> thaw confirmed, by the tool's own clock (seamless: the shim's pause_us; others: the bench's clock around the same calls).",
 	"probe = the gap seen by a process spinning on CLOCK_MONOTONIC inside the container that covers the frozen interval: what the container's processes feel. It occupies one of the machine's CPUs for the whole run, so the shim, the writer and everything else share the rest.",
 	"request->thaw = from sending the request (seamless: POST /v1/snapshots, including pre-copy) to the thaw confirmed. results.json also has probe_request_max_us: the longest probe gap anywhere between request and answer (pre-copy competing for the CPU shows there).",
-	"violations = captures breaking the writer's invariants (files: B <= A <= B+1 written by pwrite; mmap: N <= M <= N+1 with M written through a MAP_SHARED mapping) / captures checked; only with the writer.",
+	"violations = captures breaking the writer's invariants / captures checked, only with the writer (files: B <= A <= B+1, both written by pwrite; mmap: N <= M <= N+1, M written through a MAP_SHARED mapping; pool: A-P <= stamp <= A for each of the P files the writer rewrites in turn, which catches a capture made over time whatever the directory order).",
 	"floor (freeze -> nothing -> thaw) is inconsistent by design: its verdict comes from a copy of the writer's directory made from the live upper right after the thaw, as the torn prototype captured. full-copy = freeze -> overlay.Capture of the whole upper -> thaw; commit-tar = freeze -> walk + tar (whiteouts, opaque dirs, hardlinks) + gzip + fsync of the layer, as docker/nerdctl commit build it, push excluded -> thaw.",
+	"freezer: freeze -> thaw alone, ours vs libcontainer's managers (runc's), round-robin, on an idle one-process cgroup (the issue's reference; no probe there) and on the pause section's container (sleeping init + spinning probe).",
 	"Strategies run round-robin on the same container. Seamless and the floor in the 10k/1GiB writer scenarios take --snapshots after a discarded warm-up; every other cell stops at --cell-time once it has 2 samples (N shown with c).",
 	"p99 is nearest-rank: with fewer than 100 samples it is the maximum.",
 }
@@ -96,7 +97,12 @@ func (r *Results) write(dir string) error {
 			return fmt.Errorf("write %s: %w", name, err)
 		}
 	}
-	chartRows := append(append([]Row(nil), r.Sections["pause"]...), r.Sections["freezer"]...)
+	var chartRows []Row
+	for _, row := range append(append([]Row(nil), r.Sections["pause"]...), r.Sections["freezer"]...) {
+		if row.Probe.N > 0 {
+			chartRows = append(chartRows, row)
+		}
+	}
 	if len(chartRows) > 0 {
 		if err := drawChart(filepath.Join(dir, "pause.png"), chartRows); err != nil {
 			return err
@@ -178,10 +184,10 @@ func precopyText(r *Row) string {
 // freezerTable prints one line per freezer mechanism.
 func freezerTable(w io.Writer, rows []Row) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "MECHANISM\tN\tFREEZE p50\tp99\tmean\tTHAW p50\tp99\tPAUSE p50\tPROBE p50\tp99\tERR")
+	fmt.Fprintln(tw, "WORKLOAD\tMECHANISM\tN\tFREEZE p50\tp99\tmean\tTHAW p50\tp99\tPAUSE p50\tPROBE p50\tp99\tERR")
 	for _, r := range rows {
 		fz := r.Parts["freeze"]
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n", r.Strategy, r.N,
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n", r.Scenario, r.Strategy, r.N,
 			fz.p50(), fz.p99(), fmtUS(fz.Mean, fz.N > 0), r.Parts["thaw"].p50(), r.Parts["thaw"].p99(),
 			r.Pause.p50(), r.Probe.p50(), r.Probe.p99(), len(r.Errors))
 	}

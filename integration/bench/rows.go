@@ -12,11 +12,12 @@ type Sample struct {
 	// PauseUS is freeze start → thaw confirmed by the tool's own clock (the
 	// shim's pause_us for seamless, the bench's clock for the others).
 	PauseUS float64 `json:"pause_us"`
-	// ProbeUS is the probe's gap covering the frozen interval.
-	ProbeUS    float64 `json:"probe_us"`
+	// ProbeUS is the probe's gap covering the frozen interval (absent: no
+	// probe ran; a measured gap is never 0).
+	ProbeUS    float64 `json:"probe_us,omitempty"`
 	ProbeBelow bool    `json:"probe_below_threshold,omitempty"`
 	// ProbeRequestMaxUS is the longest probe gap between request and answer.
-	ProbeRequestMaxUS float64 `json:"probe_request_max_us"`
+	ProbeRequestMaxUS float64 `json:"probe_request_max_us,omitempty"`
 	// LatencyUS is request → thaw confirmed.
 	LatencyUS float64 `json:"latency_us"`
 	// PartsUS breaks the pause down: freeze, drain, mmap_scan, capture, thaw.
@@ -75,8 +76,10 @@ func (r *Row) aggregate() {
 	r.ProbeBelow, r.Checked, r.Violations = 0, 0, 0
 	r.ViolationsByPair = map[string]int{}
 	for _, s := range r.Samples {
-		pause, probe = append(pause, s.PauseUS), append(probe, s.ProbeUS)
-		req, lat = append(req, s.ProbeRequestMaxUS), append(lat, s.LatencyUS)
+		pause, lat = append(pause, s.PauseUS), append(lat, s.LatencyUS)
+		if s.ProbeUS > 0 {
+			probe, req = append(probe, s.ProbeUS), append(req, s.ProbeRequestMaxUS)
+		}
 		pre = append(pre, figureFloat(s.Figures, "precopy_ms"))
 		for k, v := range s.PartsUS {
 			parts[k] = append(parts[k], v)
