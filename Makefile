@@ -33,8 +33,9 @@ demo: deps build
 demo-clean:
 	$(GO) run ./integration/demo --clean
 
-## bench: pause benchmark on real containerd/runc/registry (needs root, ~20 min;
-## ARGS=--quick for a ~3 min smoke run, see `go run ./integration/bench -h`).
+## bench: pause, freezer and upload benchmarks on real containerd/runc/registry
+## (needs root; ~25 min; ARGS=--quick for a ~3 min smoke run, ARGS="--sections pause,freezer"
+## without the upload section; see `go run ./integration/bench -h`).
 ## Writes bench-results/ (results.json, summary.txt, pause.png).
 bench: deps
 	$(GO) run ./integration/bench $(ARGS)
