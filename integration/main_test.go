@@ -123,7 +123,7 @@ func (s *suite) close() error {
 			problems = append(problems, err.Error())
 		}
 	}
-	for _, pid := range ourProcesses(s.bin) {
+	for _, pid := range testenv.ProcessesOf(s.bin) {
 		problems = append(problems, fmt.Sprintf("process %d (%s) left running", pid, cmdline(pid)))
 		if p, err := os.FindProcess(pid); err == nil {
 			p.Kill()
@@ -145,24 +145,6 @@ func (s *suite) close() error {
 		return fmt.Errorf("%s", strings.Join(problems, "; "))
 	}
 	return nil
-}
-
-// ourProcesses lists live processes running a binary from bin (shims and
-// uploaders re-execute seamless-runc or seamless).
-func ourProcesses(bin string) []int {
-	ents, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range ents {
-		var pid int
-		if _, err := fmt.Sscan(e.Name(), &pid); err != nil || pid == os.Getpid() {
-			continue
-		}
-		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
-		if err == nil && strings.HasPrefix(exe, bin+"/") && testenv.ProcessAlive(pid) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 func cmdline(pid int) string {

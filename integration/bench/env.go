@@ -290,7 +290,7 @@ func (b *bench) Close() error {
 // killOurProcesses kills, by pid, processes still running one of our
 // binaries (shims, uploaders) and reports them: a clean run leaves none.
 func killOurProcesses(bin string) error {
-	pids := processesOf(bin)
+	pids := testenv.ProcessesOf(bin)
 	if len(pids) == 0 {
 		return nil
 	}
@@ -300,23 +300,6 @@ func killOurProcesses(bin string) error {
 		}
 	}
 	return fmt.Errorf("processes of %s were left running (killed): %v", bin, pids)
-}
-
-// processesOf lists live processes whose executable is in dir.
-func processesOf(dir string) []int {
-	ents, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range ents {
-		var pid int
-		if _, err := fmt.Sscan(e.Name(), &pid); err != nil || pid == os.Getpid() {
-			continue
-		}
-		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
-		if err == nil && strings.HasPrefix(exe, dir+"/") && testenv.ProcessAlive(pid) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // claimPush returns true once per environment: the first seamless snapshot

@@ -216,3 +216,22 @@ func ShimPIDs(address string) ([]int, error) {
 	}
 	return pids, nil
 }
+
+// ProcessesOf lists live processes (this one excepted) whose executable lies
+// in dir: the seamless shims, watchdogs and uploaders a test's binaries
+// became.
+func ProcessesOf(dir string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
+		if err == nil && strings.HasPrefix(exe, dir+"/") && ProcessAlive(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
