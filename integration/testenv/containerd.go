@@ -157,14 +157,22 @@ func containerdLayout(dir string) *Containerd {
 func (c *Containerd) configPath() string { return filepath.Join(c.Dir, "containerd.toml") }
 func (c *Containerd) optDir() string     { return filepath.Join(c.Dir, "opt") }
 
-// config renders containerd's TOML config.
+// config renders containerd's TOML config, CRI plugin disabled.
 func (c *Containerd) config(level string) string {
+	return c.baseConfig(level, `  "io.containerd.grpc.v1.cri",
+`)
+}
+
+// baseConfig renders the config every instance shares: its own root, state,
+// sockets and opt dir; extraDisabled lists more disabled plugins (quoted,
+// one per line, indented, each followed by a comma). Plugin sections may be
+// appended after it.
+func (c *Containerd) baseConfig(level, extraDisabled string) string {
 	return fmt.Sprintf(`version = 2
 root = %q
 state = %q
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
+%s  "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
 ]
@@ -185,7 +193,7 @@ disabled_plugins = [
 [plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = %q
-`, c.Root, c.State, c.Address, c.Address+".ttrpc", filepath.Join(c.Dir, "debug.sock"), level, c.optDir())
+`, c.Root, c.State, extraDisabled, c.Address, c.Address+".ttrpc", filepath.Join(c.Dir, "debug.sock"), level, c.optDir())
 }
 
 // start launches containerd and waits for `ctr version` to answer.

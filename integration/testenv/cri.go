@@ -11,8 +11,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 )
 
 // CRINamespace is the containerd namespace of the CRI plugin's containers.
@@ -47,32 +45,8 @@ func (c *Containerd) CNIDir() string { return filepath.Join(c.Dir, "cni") }
 // CAP_SYS_RESOURCE (the sandbox asks for oom_score_adj -998).
 func (c *Containerd) criConfig(level string, o *CRIOptions) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, `version = 2
-root = %q
-state = %q
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.devmapper",
-]
-
-[grpc]
-  address = %q
-
-[ttrpc]
-  address = %q
-
-[debug]
-  address = %q
-  level = %q
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = %q
-  [plugins."io.containerd.grpc.v1.cri"]
+	b.WriteString(c.baseConfig(level, ""))
+	fmt.Fprintf(&b, `  [plugins."io.containerd.grpc.v1.cri"]
     sandbox_image = %q
     stream_server_address = "127.0.0.1"
     stream_server_port = "0"
@@ -89,8 +63,7 @@ disabled_plugins = [
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = %q
       conf_dir = %q
-`, c.Root, c.State, c.Address, c.Address+".ttrpc", filepath.Join(c.Dir, "debug.sock"), level, c.optDir(),
-		o.SandboxImage, c.RuncRoot, filepath.Join(c.CNIDir(), "bin"), filepath.Join(c.CNIDir(), "net.d"))
+`, o.SandboxImage, c.RuncRoot, filepath.Join(c.CNIDir(), "bin"), filepath.Join(c.CNIDir(), "net.d"))
 	for _, host := range o.PlainHTTPRegistries {
 		fmt.Fprintf(&b, `    [plugins."io.containerd.grpc.v1.cri".registry.mirrors.%q]
       endpoint = [%q]
@@ -243,46 +216,4 @@ func writeJSONFile(path string, v any) error {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return nil
-}
-
-// BuildImageWithCmd is BuildImage with the image's default command set to
-// cmd (e.g. a long sleep for a pause image).
-func BuildImageWithCmd(ctx context.Context, dir, imageName string, extraFiles map[string]FileSpec, cmd []string) (*BuiltImage, error) {
-	tag, err := parseImageName(imageName)
-	if err != nil {
-		return nil, err
-	}
-	files, err := baseFiles(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for p, spec := range extraFiles {
-		files[cleanImagePath(p)] = spec
-	}
-	addParentDirs(files)
-	layerTar, err := tarRootfs(files)
-	if err != nil {
-		return nil, err
-	}
-	img, err := imageFromLayer(layerTar)
-	if err != nil {
-		return nil, err
-	}
-	cfg, err := img.ConfigFile()
-	if err != nil {
-		return nil, fmt.Errorf("config: %w", err)
-	}
-	cfg = cfg.DeepCopy()
-	cfg.Config.Cmd = cmd
-	if img, err = mutate.ConfigFile(img, cfg); err != nil {
-		return nil, fmt.Errorf("set config: %w", err)
-	}
-	out := &BuiltImage{Archive: filepath.Join(dir, archiveName(imageName)), Name: imageName, Tag: tag.TagStr()}
-	if err := describeImage(img, out); err != nil {
-		return nil, err
-	}
-	if err := writeOCIArchive(out.Archive, img, out.Name, out.Tag); err != nil {
-		return nil, err
-	}
-	return out, nil
 }

@@ -73,7 +73,13 @@ func BuildBaseImage(ctx context.Context, dir, name string) (archivePath, manifes
 // path inside the image; they replace base entries of the same path and
 // missing parent dirs are created.
 func BuildImage(ctx context.Context, dir, name string, extraFiles map[string]FileSpec) (*BuiltImage, error) {
-	tag, err := parseImageName(name)
+	return BuildImageWithCmd(ctx, dir, name, extraFiles, nil)
+}
+
+// BuildImageWithCmd is BuildImage with the image's default command set to
+// cmd (e.g. a long sleep for a pause image); nil keeps the default shell.
+func BuildImageWithCmd(ctx context.Context, dir, imageName string, extraFiles map[string]FileSpec, cmd []string) (*BuiltImage, error) {
+	tag, err := parseImageName(imageName)
 	if err != nil {
 		return nil, err
 	}
@@ -93,11 +99,12 @@ func BuildImage(ctx context.Context, dir, name string, extraFiles map[string]Fil
 	if err != nil {
 		return nil, err
 	}
-	out := &BuiltImage{
-		Archive: filepath.Join(dir, archiveName(name)),
-		Name:    name,
-		Tag:     tag.TagStr(),
+	if cmd != nil {
+		if img, err = withCmd(img, cmd); err != nil {
+			return nil, err
+		}
 	}
+	out := &BuiltImage{Archive: filepath.Join(dir, archiveName(imageName)), Name: imageName, Tag: tag.TagStr()}
 	if err := describeImage(img, out); err != nil {
 		return nil, err
 	}
@@ -105,6 +112,21 @@ func BuildImage(ctx context.Context, dir, name string, extraFiles map[string]Fil
 		return nil, err
 	}
 	return out, nil
+}
+
+// withCmd returns img with its config's Cmd replaced.
+func withCmd(img v1.Image, cmd []string) (v1.Image, error) {
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	cfg = cfg.DeepCopy()
+	cfg.Config.Cmd = cmd
+	img, err = mutate.ConfigFile(img, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("set config: %w", err)
+	}
+	return img, nil
 }
 
 // parseImageName validates name and requires an explicit tag.
