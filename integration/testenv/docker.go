@@ -77,16 +77,9 @@ func StartDockerd(ctx context.Context, opts DockerdOptions) (*Dockerd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start dockerd: docker client: %w", err)
 	}
-	base := opts.Dir
-	if base == "" {
-		base = "/tmp"
-	}
-	if _, err := CleanStaleEngines(base); err != nil {
-		return nil, fmt.Errorf("start dockerd: %w", err)
-	}
-	dir, err := os.MkdirTemp(base, "sl-dkr-")
+	dir, err := newEngineDir(opts.Dir, "sl-dkr-")
 	if err != nil {
-		return nil, fmt.Errorf("dockerd dir: %w", err)
+		return nil, fmt.Errorf("start dockerd: %w", err)
 	}
 	d := &Dockerd{
 		Host: filepath.Join(dir, "docker.sock"), Dir: dir, CLI: cli,

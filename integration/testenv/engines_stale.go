@@ -104,3 +104,19 @@ func processRunning(name string) bool {
 	}
 	return false
 }
+
+// newEngineDir tears down stale engine instances under base (default /tmp)
+// and makes a fresh private directory for a new one, named prefix*.
+func newEngineDir(base, prefix string) (string, error) {
+	if base == "" {
+		base = "/tmp"
+	}
+	if _, err := CleanStaleEngines(base); err != nil {
+		return "", err
+	}
+	dir, err := os.MkdirTemp(base, prefix)
+	if err != nil {
+		return "", fmt.Errorf("engine dir: %w", err)
+	}
+	return dir, nil
+}

@@ -57,16 +57,9 @@ func NewPodman(opts PodmanOptions) (*Podman, error) {
 	if _, err := exec.LookPath("podman"); err != nil {
 		return nil, fmt.Errorf("podman: %w", err)
 	}
-	base := opts.Dir
-	if base == "" {
-		base = "/tmp"
-	}
-	if _, err := CleanStaleEngines(base); err != nil {
-		return nil, fmt.Errorf("podman: %w", err)
-	}
-	dir, err := os.MkdirTemp(base, "sl-pm-")
+	dir, err := newEngineDir(opts.Dir, "sl-pm-")
 	if err != nil {
-		return nil, fmt.Errorf("podman dir: %w", err)
+		return nil, fmt.Errorf("podman: %w", err)
 	}
 	suffix, err := randomHex(4)
 	if err != nil {
