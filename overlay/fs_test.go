@@ -47,15 +47,7 @@ func TestCaptureUserXattr(t *testing.T) {
 // TestCaptureReflinkXFS captures an overlay whose upper and snapshot share a
 // reflink-capable XFS (a loop image), exercising the FICLONE path.
 func TestCaptureReflinkXFS(t *testing.T) {
-	requireRoot(t)
-	if testing.Short() {
-		t.Skip("short mode")
-	}
-	mkfs, err := exec.LookPath("mkfs.xfs")
-	if err != nil {
-		t.Skip("mkfs.xfs not installed")
-	}
-	dir := mountXFS(t, mkfs)
+	dir := mountXFS(t)
 	o := newOverlay(t, dir, nil)
 	big := pseudoRandom(4<<20 + 7)
 	mustNil(t, os.WriteFile(filepath.Join(o.merged, "big"), big, 0o644))
@@ -75,8 +67,17 @@ func TestCaptureReflinkXFS(t *testing.T) {
 
 // mountXFS mounts a fresh reflink-enabled XFS loop image and returns its
 // mount point; the image is unmounted and its loop device released in Cleanup.
-func mountXFS(t *testing.T, mkfs string) string {
+// It skips the test when not root, in -short mode or without mkfs.xfs.
+func mountXFS(t *testing.T) string {
 	t.Helper()
+	requireRoot(t)
+	if testing.Short() {
+		t.Skip("short mode")
+	}
+	mkfs, err := exec.LookPath("mkfs.xfs")
+	if err != nil {
+		t.Skip("mkfs.xfs not installed")
+	}
 	base := t.TempDir()
 	img, dir := filepath.Join(base, "xfs.img"), filepath.Join(base, "mnt")
 	mustNil(t, os.Mkdir(dir, 0o755))

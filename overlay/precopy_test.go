@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -338,15 +337,7 @@ func TestPrecopyNeverFollowsSymlinks(t *testing.T) {
 // XFS), then rewrites staged files in place: a shrinking rewrite must not
 // leave the old tail behind.
 func TestPrecopyReflinkXFS(t *testing.T) {
-	requireRoot(t)
-	if testing.Short() {
-		t.Skip("short mode")
-	}
-	mkfs, err := exec.LookPath("mkfs.xfs")
-	if err != nil {
-		t.Skip("mkfs.xfs not installed")
-	}
-	dir := mountXFS(t, mkfs)
+	dir := mountXFS(t)
 	o := newOverlay(t, dir, nil)
 	writeFile(t, filepath.Join(o.merged, "big"), string(pseudoRandom(4<<20)))
 	writeFile(t, filepath.Join(o.merged, "grow"), "small")
