@@ -120,20 +120,30 @@ func OpenWith(kind Kind, dir string, opts Options) (*Freezer, error) {
 // runc's state.json cgroup_paths: the v1 "freezer" controller when present
 // (v1 or hybrid host), else the unified ("") path. prefer may force V1 or V2.
 func FromCgroupPaths(paths map[string]string, prefer Kind) (*Freezer, error) {
+	kind, dir, err := Choose(paths, prefer)
+	if err != nil {
+		return nil, err
+	}
+	return Open(kind, dir)
+}
+
+// Choose picks the freezer kind and cgroup directory FromCgroupPaths opens,
+// without opening anything.
+func Choose(paths map[string]string, prefer Kind) (Kind, string, error) {
 	v1, v2 := paths["freezer"], paths[""]
 	switch {
 	case prefer == V2 && v2 != "":
-		return Open(V2, v2)
+		return V2, v2, nil
 	case prefer == V1 && v1 != "":
-		return Open(V1, v1)
+		return V1, v1, nil
 	case prefer != "" && prefer != V1 && prefer != V2:
-		return nil, fmt.Errorf("unknown freezer %q (want v1 or v2)", prefer)
+		return "", "", fmt.Errorf("unknown freezer %q (want v1 or v2)", prefer)
 	case v1 != "":
-		return Open(V1, v1)
+		return V1, v1, nil
 	case v2 != "":
-		return Open(V2, v2)
+		return V2, v2, nil
 	}
-	return nil, errors.New("no freezer or unified cgroup path in cgroup_paths")
+	return "", "", errors.New("no freezer or unified cgroup path in cgroup_paths")
 }
 
 // ForPID finds the freezer of the cgroup that process pid belongs to, using

@@ -186,19 +186,21 @@ func (s *Shim) watchInit() (<-chan struct{}, error) {
 	return done, nil
 }
 
+// freezerKind is the freezer the shim's snapshots use.
+func (s *Shim) freezerKind() freezer.Kind {
+	kind, _, _ := freezer.Choose(s.cfg.CgroupPaths, freezer.Kind(s.cfg.Freezer))
+	return kind
+}
+
 func (s *Shim) info() Info {
-	cg := s.cfg.CgroupPaths["freezer"]
-	fr := "v1"
-	if cg == "" || s.cfg.Freezer == "v2" {
-		cg, fr = s.cfg.CgroupPaths[""], "v2"
-	}
+	kind, cg, _ := freezer.Choose(s.cfg.CgroupPaths, freezer.Kind(s.cfg.Freezer))
 	upper := ""
 	if mnt, err := s.overlayMount(); err == nil {
 		upper = mnt.Upperdir
 	}
 	return Info{
 		ContainerID: s.cfg.ContainerID, ShimPID: os.Getpid(), InitPID: s.cfg.InitPID,
-		Cgroup: cg, Freezer: fr, Upperdir: upper, Bundle: s.cfg.Bundle,
+		Cgroup: cg, Freezer: string(kind), Upperdir: upper, Bundle: s.cfg.Bundle,
 		Engine: s.cfg.Engine, Namespace: s.cfg.ContainerdNamespace, Image: s.cfg.Image,
 		Socket: s.dirs.Socket(s.cfg.ContainerID), StartedAt: s.startedAt.UTC().Format(time.RFC3339Nano),
 	}
@@ -232,7 +234,7 @@ const EnvFreezerAnchor = "SEAMLESS_FREEZER_ANCHOR"
 // ensureAnchor creates the v1 freezer anchor when EnvFreezerAnchor asks for
 // it and this shim uses the v1 freezer. Failures are logged only.
 func (s *Shim) ensureAnchor() {
-	if v := os.Getenv(EnvFreezerAnchor); (v != "1" && v != "true") || s.info().Freezer != string(freezer.V1) {
+	if v := os.Getenv(EnvFreezerAnchor); (v != "1" && v != "true") || s.freezerKind() != freezer.V1 {
 		return
 	}
 	dir, err := freezer.DefaultAnchorDir()
