@@ -62,7 +62,7 @@ func (u *upload) push(ctx context.Context, ref name.Reference, img v1.Image, req
 	if err := u.state.phase(snapshot.PhasePushing, 0); err != nil {
 		return v1.Hash{}, err
 	}
-	counter := &sendCounter{rt: u.transport(req)}
+	counter := &sendCounter{rt: &headProbe{rt: u.transport(req), logf: u.logf}}
 	if u.opts.stall.point == stallPush {
 		counter.onSend = func(n int64) { u.stall(stallPush, n) }
 	}
@@ -165,6 +165,48 @@ func (u *upload) transport(req snapshot.Request) http.RoundTripper {
 		t.TLSClientConfig.InsecureSkipVerify = true //nolint:gosec // asked for by --target-insecure
 	}
 	return t
+}
+
+// headProbe treats a server error in answer to a blob existence check
+// (HEAD /v2/<repo>/blobs/<digest>) as "not there": the blob is uploaded and
+// the registry's answer to the upload decides. A registry killed while it
+// linked a blob into a repository (distribution's filesystem driver writes
+// link files in place) answers 500 to that HEAD for ever, while an upload
+// of the same blob rewrites the link; containerd's pusher proceeds the same
+// way on an unexpected HEAD status. Any other answer is passed on as is.
+type headProbe struct {
+	rt   http.RoundTripper
+	logf func(format string, args ...any)
+}
+
+// RoundTrip sends req and rewrites a 5xx answer to a blob HEAD as a 404.
+func (h *headProbe) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := h.rt.RoundTrip(req)
+	if err != nil || req.Method != http.MethodHead || resp.StatusCode < 500 || !isBlobPath(req.URL.Path) {
+		return resp, err
+	}
+	h.logf("registry answered %s to HEAD %s: uploading the blob", resp.Status, req.URL.Path)
+	resp.Body.Close()
+	return &http.Response{
+		Status:     "404 Not Found",
+		StatusCode: http.StatusNotFound,
+		Proto:      resp.Proto,
+		ProtoMajor: resp.ProtoMajor,
+		ProtoMinor: resp.ProtoMinor,
+		Header:     http.Header{},
+		Body:       http.NoBody,
+		Request:    req,
+	}, nil
+}
+
+// isBlobPath reports whether path names a blob: /v2/<repo>/blobs/<digest>.
+func isBlobPath(path string) bool {
+	rest, ok := strings.CutPrefix(path, "/v2/")
+	if !ok {
+		return false
+	}
+	i := strings.LastIndex(rest, "/blobs/")
+	return i > 0 && strings.Contains(rest[i+len("/blobs/"):], ":") && !strings.Contains(rest[i+len("/blobs/"):], "/")
 }
 
 // sendCounter counts the request body bytes sent to the registry's API.

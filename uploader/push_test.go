@@ -226,3 +226,21 @@ func TestKeychainSelection(t *testing.T) {
 		t.Error("NewKeychain is not the host-selecting keychain")
 	}
 }
+
+func TestIsBlobPath(t *testing.T) {
+	for path, want := range map[string]bool{
+		"/v2/app/blobs/sha256:abc":            true,
+		"/v2/org/team/app/blobs/sha256:abc":   true,
+		"/v2/app/blobs/uploads/":              false,
+		"/v2/app/blobs/uploads/1f2e-33":       false,
+		"/v2/app/manifests/sha256:abc":        false,
+		"/v2/blobs/blobs/sha256:abc":          true,
+		"/v2/":                                false,
+		"/token/app/blobs/sha256:abc":         false,
+		"/v2/app/blobs/sha256:abc/extra:path": false,
+	} {
+		if got := isBlobPath(path); got != want {
+			t.Errorf("isBlobPath(%q) = %v, want %v", path, got, want)
+		}
+	}
+}
