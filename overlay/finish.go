@@ -54,6 +54,27 @@ func (p *Precopy) Finish(ctx context.Context, pids []int) (*Manifest, FinishStat
 	return m, fs, err
 }
 
+// Prepare readies the pause while the container still runs; call it right
+// before freezing. It re-copies what changed since the pre-copy returned
+// (so that little is left dirty for the pause) and scans the given
+// processes' maps once, as Recapture will, so that the code, the caches and
+// the kernel's data it touches are warm when the pause begins. Nothing it
+// reads is trusted later: Recapture still drains and scans everything.
+func (p *Precopy) Prepare(ctx context.Context, pids []int) error {
+	if p.closed || p.recaptureTried {
+		return errors.New("pre-copy: Prepare after Close or Recapture")
+	}
+	if p.tracker != nil && p.trackOK == "" && p.tracker.pending()+len(p.forced) > 0 {
+		if _, err := p.round(ctx); err != nil {
+			return err
+		}
+	}
+	if _, err := p.scanMappings(pids); err != nil {
+		return fmt.Errorf("prepare capture: %w", err)
+	}
+	return nil
+}
+
 // Recapture brings the staged copy to the frozen instant; every task of the
 // container must be frozen. It drains the tracker's queue (non-blocking: all
 // events of completed syscalls are already queued), adds the files the given

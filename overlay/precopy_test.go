@@ -131,6 +131,55 @@ func TestPrecopyOpsAfterPrecopy(t *testing.T) {
 	}
 }
 
+// TestPrecopyPrepare: Prepare re-copies the changes made since the
+// pre-copy, so that Recapture finds nothing dirty; changes made after
+// Prepare are still captured.
+func TestPrecopyPrepare(t *testing.T) {
+	requireRoot(t)
+	o := opsOverlay(t)
+	snapA, snapB := snapDirs(t, t.TempDir(), 0)
+	p, err := StartPrecopy(context.Background(), o.upper, snapA, PrecopyOptions{Mountpoint: o.merged})
+	mustNil(t, err)
+	defer p.Close()
+	runOpsChild(t, opsAfter(o.merged)...)
+	waitPending(t, p)
+	mustNil(t, p.Prepare(context.Background(), []int{os.Getpid()}))
+	if n := p.tracker.pending(); n != 0 {
+		t.Errorf("%d dirty names left after Prepare", n)
+	}
+	fs := finishAndCompare(t, p, o, snapA, snapB, CaptureOptions{})
+	if fs.Fallback || fs.DirtyEntries > 4 {
+		t.Errorf("finish after Prepare = %+v, want (almost) nothing dirty, no fallback", fs)
+	}
+	if err := p.Prepare(context.Background(), nil); err == nil {
+		t.Error("Prepare after Recapture succeeded")
+	}
+
+	// Changes after Prepare are the pause's.
+	o2 := opsOverlay(t)
+	snapC, snapD := snapDirs(t, t.TempDir(), 1)
+	p2, err := StartPrecopy(context.Background(), o2.upper, snapC, PrecopyOptions{Mountpoint: o2.merged})
+	mustNil(t, err)
+	defer p2.Close()
+	mustNil(t, p2.Prepare(context.Background(), nil))
+	runOpsChild(t, opsAfter(o2.merged)...)
+	fs = finishAndCompare(t, p2, o2, snapC, snapD, CaptureOptions{})
+	if fs.Fallback || fs.DirtyEntries == 0 {
+		t.Errorf("finish of changes after Prepare = %+v", fs)
+	}
+}
+
+// waitPending waits until the tracker's reader has queued some dirty names.
+func waitPending(t *testing.T, p *Precopy) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); p.tracker.pending() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("no dirty names seen")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // TestPrecopyOpsDuringWalk changes the tree while the full copy walks it:
 // the directory being opened is renamed away, others are replaced.
 func TestPrecopyOpsDuringWalk(t *testing.T) {

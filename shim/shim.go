@@ -268,14 +268,13 @@ func (s *Shim) armWatchdog(fr *freezer.Freezer) (*pauseGuard, error) {
 	return &pauseGuard{wd: s.watchdog, deadline: deadline}, nil
 }
 
-// thaw thaws fr. It fails when the pause outlived the watchdog's deadline:
-// the watchdog may then have thawed the container during the capture.
-func (g *pauseGuard) thaw(fr *freezer.Freezer) error {
-	err := fr.Thaw()
+// check fails when the pause outlived the watchdog's deadline: the
+// watchdog may then have thawed the container during the capture.
+func (g *pauseGuard) check() error {
 	if g.wd != nil && !time.Now().Before(g.deadline) {
-		err = errors.Join(err, errors.New("the pause outlived the watchdog's deadline: the container may have run during the capture, which is discarded"))
+		return errors.New("the pause outlived the watchdog's deadline: the container may have run during the capture, which is discarded")
 	}
-	return err
+	return nil
 }
 
 // disarm ends the guard (once); it does not wait for the watchdog.

@@ -5,12 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strings"
 	"text/template"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/opencontainers/cgroups"
 
 	"github.com/seamless-snapshot/seamless/freezer"
 	"github.com/seamless-snapshot/seamless/overlay"
@@ -142,57 +142,57 @@ func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mou
 }
 
 // frozenRecapture is the pause: freeze, re-capture the dirty set, thaw. The
-// watchdog is armed for its whole length and the thaw runs on every path.
+// watchdog is armed for its whole length; the freezer thaws on every path.
+// Right before it the pre-copy catches up and the in-pause path is run once
+// (warm); during it the Go collector is kept from starting.
 func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *freezer.Freezer, pre *overlay.Precopy) (fstats overlay.FinishStats, err error) {
 	// A container the user paused stays paused: our thaw would undo it.
 	if frozen, ferr := fr.Frozen(); ferr == nil && frozen {
 		return fstats, fmt.Errorf("container %s is paused; resume it, then snapshot", s.cfg.ContainerID)
 	}
+	pids, err := fr.Procs()
+	if err != nil {
+		return fstats, err
+	}
+	if err := pre.Prepare(ctx, pids); err != nil {
+		return fstats, fmt.Errorf("pre-copy catch-up: %w", err)
+	}
+	// Armed after the catch-up, which may take a while: the watchdog's
+	// deadline is for the pause.
 	guard, err := s.armWatchdog(fr)
 	if err != nil {
 		return fstats, err
 	}
 	defer guard.disarm()
-	start := time.Now()
-	res, err := fr.Freeze(ctx, s.freezeTimeout)
-	if err != nil {
-		return fstats, err
-	}
-	frozenAt := time.Now()
-	thawed := false
-	defer func() {
-		if !thawed {
-			if terr := guard.thaw(fr); terr != nil {
-				err = errors.Join(err, terr)
-			}
+	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	res, err := fr.Pause(ctx, s.freezeTimeout, func() error {
+		if s.pauseDelay > 0 {
+			time.Sleep(s.pauseDelay)
 		}
-	}()
-	if s.pauseDelay > 0 {
-		time.Sleep(s.pauseDelay)
+		pids, err := fr.Procs()
+		if err != nil {
+			return err
+		}
+		fstats, err = pre.Recapture(ctx, pids)
+		if err != nil {
+			return fmt.Errorf("re-capture in the pause: %w", err)
+		}
+		return nil
+	})
+	if res.FrozenAt.IsZero() {
+		return fstats, err // not frozen: thawed, nothing captured
 	}
-	pids, perr := cgroups.GetAllPids(fr.Dir())
-	if perr == nil {
-		fstats, perr = pre.Recapture(ctx, pids)
-	}
-	recapturedAt := time.Now()
-	thawed = true
-	if terr := guard.thaw(fr); terr != nil {
-		return fstats, errors.Join(perr, terr)
-	}
-	end := time.Now()
+	err = errors.Join(err, guard.check())
 	st.Pause = snapshot.PauseTimes{
-		FreezeUS:   res.Wait.Microseconds(),
+		FreezeUS:   res.Freeze.Wait.Microseconds(),
 		DrainUS:    fstats.Drain.Microseconds(),
 		MmapScanUS: fstats.MmapScan.Microseconds(),
-		CaptureUS:  recapturedAt.Sub(frozenAt).Microseconds(),
-		ThawUS:     end.Sub(recapturedAt).Microseconds(),
+		CaptureUS:  res.Held.Microseconds(),
+		ThawUS:     res.Thaw.Microseconds(),
 	}
-	st.PauseUS = end.Sub(start).Microseconds()
-	st.CapturedAt = frozenAt.UTC()
-	if perr != nil {
-		return fstats, fmt.Errorf("re-capture in the pause: %w", perr)
-	}
-	return fstats, nil
+	st.PauseUS = res.Total.Microseconds()
+	st.CapturedAt = res.FrozenAt.UTC()
+	return fstats, err
 }
 
 // manifestBytes is the size of the file data a manifest refers to, each
