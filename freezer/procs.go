@@ -81,6 +81,11 @@ func (r *procsReader) collect(dirFD int, rel string, top bool, seen map[int]bool
 			*pids = append(*pids, pid)
 		}
 	}
+	// A cgroup directory's link count is 2 + its child cgroups.
+	var st unix.Stat_t
+	if err := unix.Fstat(dirFD, &st); err == nil && st.Nlink == 2 {
+		return nil
+	}
 	subdirs, err := r.subdirs(dirFD)
 	if err != nil {
 		return fmt.Errorf("list %s: %w", rel, err)

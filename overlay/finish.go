@@ -56,10 +56,12 @@ func (p *Precopy) Finish(ctx context.Context, pids []int) (*Manifest, FinishStat
 
 // Prepare readies the pause while the container still runs; call it right
 // before freezing. It re-copies what changed since the pre-copy returned
-// (so that little is left dirty for the pause) and scans the given
-// processes' maps once, as Recapture will, so that the code, the caches and
-// the kernel's data it touches are warm when the pause begins. Nothing it
-// reads is trusted later: Recapture still drains and scans everything.
+// (so that little is left dirty for the pause), scans the given processes'
+// maps once, as Recapture will, and re-copies the files they map shared and
+// writable, so that the code, the caches and the kernel's data the pause
+// touches are warm when it begins. Recapture still drains and scans
+// everything; only the upper paths confirmed for mapped files are reused
+// when no name changed meanwhile.
 func (p *Precopy) Prepare(ctx context.Context, pids []int) error {
 	if p.closed || p.recaptureTried {
 		return errors.New("pre-copy: Prepare after Close or Recapture")
@@ -69,9 +71,24 @@ func (p *Precopy) Prepare(ctx context.Context, pids []int) error {
 			return err
 		}
 	}
-	if _, err := p.scanMappings(pids); err != nil {
+	scan, err := p.scanMappings(pids, false)
+	if err != nil {
 		return fmt.Errorf("prepare capture: %w", err)
 	}
+	if len(scan.paths) == 0 {
+		return nil
+	}
+	// The pause re-copies mapped files whatever happens; copying them now
+	// too leaves their staged pages and the copy path warm.
+	ps := p.newPass(false)
+	defer ps.close()
+	for rel := range scan.paths {
+		ps.add(rel, false)
+	}
+	if err := ps.run(ctx); err != nil {
+		return fmt.Errorf("prepare capture %s: %w", p.upperDir, err)
+	}
+	p.endPass(ps)
 	return nil
 }
 
@@ -97,7 +114,9 @@ func (p *Precopy) Recapture(ctx context.Context, pids []int) (fs FinishStats, er
 	fs.Drain = time.Since(start)
 
 	start = time.Now()
-	scan, err := p.scanMappings(pids)
+	// With no event since Prepare's scan, no name changed: the upper paths
+	// it confirmed for mapped files still hold.
+	scan, err := p.scanMappings(pids, reason == "" && len(dirty) == 0)
 	fs.MmapScan = time.Since(start)
 	if err != nil {
 		return fs, fmt.Errorf("finish capture: %w", err)

@@ -199,7 +199,11 @@ func parseMapsLine(line string) (sharedMapping, bool, error) {
 // its own. Newlines are shown as "\012".
 func (p *Precopy) mappedPaths(m sharedMapping) []string {
 	var cands []string
-	for _, raw := range []string{m.path, strings.ReplaceAll(m.path, `\012`, "\n")} {
+	raws := []string{m.path}
+	if unescaped := strings.ReplaceAll(m.path, `\012`, "\n"); unescaped != m.path {
+		raws = append(raws, unescaped)
+	}
+	for _, raw := range raws {
 		for _, prefix := range p.mountPaths {
 			if rel, ok := relUnder(prefix, raw); ok && rel != "" {
 				cands = append(cands, rel)
@@ -261,8 +265,17 @@ type mapScan struct {
 // scanMappings finds the upper files that the given processes map shared and
 // writable. A mapping of the overlay that cannot be tied to an upper path is
 // reported in unresolved (the caller must then re-copy everything).
-func (p *Precopy) scanMappings(pids []int) (mapScan, error) {
+//
+// The upper paths confirmed for a mapped file are remembered; with reuse
+// they are taken as they are. Only pass reuse when no name in the upper dir
+// changed since the last scan confirmed them (no event since the dirty set
+// was taken before it): a path found by device and inode then still names
+// that inode.
+func (p *Precopy) scanMappings(pids []int, reuse bool) (mapScan, error) {
 	res := mapScan{paths: map[string]bool{}}
+	if p.mapped == nil || !reuse {
+		p.mapped = map[mappedFile][]string{}
+	}
 	for _, pid := range pids {
 		maps, err := p.maps.read(pid)
 		if err != nil {
@@ -273,13 +286,30 @@ func (p *Precopy) scanMappings(pids []int) (mapScan, error) {
 				continue // another filesystem: tmpfs, a volume, /dev/zero...
 			}
 			res.mappings++
-			if !p.resolveMapping(m, res.paths) && res.unresolved == "" {
+			key := mappedFile{dev: m.dev, ino: m.ino, path: m.path}
+			rels, known := p.mapped[key]
+			if !known || m.deleted {
+				rels = p.confirmedPaths(m)
+				if !m.deleted && len(rels) > 0 {
+					p.mapped[key] = rels
+				}
+			}
+			for _, rel := range rels {
+				res.paths[rel] = true
+			}
+			if len(rels) == 0 && !p.resolveUnlinked(m, res.paths) && res.unresolved == "" {
 				res.unresolved = fmt.Sprintf("pid %d maps %q (dev %d:%d ino %d) shared+writable and it cannot be found in the upper dir",
 					m.pid, m.path, unix.Major(m.dev), unix.Minor(m.dev), m.ino)
 			}
 		}
 	}
 	return res, nil
+}
+
+// mappedFile identifies a mapped file as maps shows it.
+type mappedFile struct {
+	dev, ino uint64
+	path     string
 }
 
 // ofOverlay reports whether m maps a file of the overlay. Without its mount
@@ -293,23 +323,29 @@ func (p *Precopy) ofOverlay(m sharedMapping) bool {
 	return err != nil || fs.Type == unix.OVERLAYFS_SUPER_MAGIC
 }
 
-// resolveMapping adds the upper paths of m to paths and reports whether the
-// mapped file is accounted for.
-func (p *Precopy) resolveMapping(m sharedMapping, paths map[string]bool) bool {
-	found := false
+// confirmedPaths returns the upper paths (not excluded) that name the file
+// m maps.
+func (p *Precopy) confirmedPaths(m sharedMapping) []string {
+	var rels []string
 	for _, rel := range p.mappedPaths(m) {
 		if _, excluded := p.excludedPath(rel); !excluded && p.confirmMapped(rel, m) {
-			paths[rel] = true
-			found = true
+			rels = append(rels, rel)
 		}
 	}
-	if found || !m.deleted {
-		return found
+	return rels
+}
+
+// resolveUnlinked accounts for a mapping whose path names no upper file: an
+// unlinked file is not in the capture, unless other recorded names of its
+// inode remain (added to paths). It reports whether the file is accounted for.
+func (p *Precopy) resolveUnlinked(m sharedMapping, paths map[string]bool) bool {
+	if !m.deleted {
+		return false
 	}
-	// An unlinked file is not in the capture, unless other names remain.
 	if n, err := mappedNlink(m); err == nil && n == 0 {
 		return true
 	}
+	found := false
 	for rel := range p.store.names(m.ino) {
 		if r := p.store.records[rel]; r != nil && r.Type == TypeFile {
 			paths[rel] = true

@@ -95,6 +95,7 @@ type Precopy struct {
 
 	store   *store
 	maps    mapsReader
+	mapped  map[mappedFile][]string // upper paths confirmed for mapped files (scanMappings)
 	walker  walker
 	copier  copier
 	tracker *tracker // nil when tracking is off

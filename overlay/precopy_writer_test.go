@@ -23,7 +23,8 @@ type frozenRound struct {
 	snap       string
 }
 
-// runFrozenRound runs one round; pids selects the processes whose mappings
+// runFrozenRound runs one round (even ones call Prepare before freezing, as
+// the shim does); pids selects the processes whose mappings
 // Recapture scans (nil: none, the negative control).
 func runFrozenRound(t *testing.T, o *testOverlay, cg *testCgroup, base string, i int, opts PrecopyOptions, pids func() []int) frozenRound {
 	t.Helper()
@@ -34,6 +35,9 @@ func runFrozenRound(t *testing.T, o *testOverlay, cg *testCgroup, base string, i
 	defer p.Close()
 	r := frozenRound{pre: p.Stats(), snap: snapA}
 	time.Sleep(time.Duration(rand.IntN(30)) * time.Millisecond)
+	if i%2 == 0 { // as the shim does; odd rounds go without
+		mustNil(t, p.Prepare(ctx, pids()))
+	}
 	r.freezeWait = cg.freeze(t)
 	fin, rerr := p.Recapture(ctx, pids())
 	ref, capStats, cerr := Capture(ctx, o.upper, snapB, opts.CaptureOptions)

@@ -112,12 +112,16 @@ type Base struct {
 type PauseTimes struct {
 	// FreezeUS is the freeze wait: request to every task frozen.
 	FreezeUS int64 `json:"freeze_us"`
-	// DrainUS is reading the dirty tracker's queue while frozen.
+	// DrainUS is reading the dirty tracker's queue while frozen (part of
+	// CaptureUS).
 	DrainUS int64 `json:"drain_us,omitempty"`
-	// MmapScanUS is the scan of the tasks' shared writable mappings.
+	// MmapScanUS is the scan of the tasks' shared writable mappings (part
+	// of CaptureUS).
 	MmapScanUS int64 `json:"mmap_scan_us,omitempty"`
-	// RecaptureUS is the re-capture of the dirty entries (the whole capture
-	// when nothing was pre-copied).
+	// CaptureUS is all the work done frozen, from every task frozen to the
+	// thaw request: listing the tasks, the drain, the mmap scan and the
+	// re-capture of the dirty entries (the whole capture when nothing was
+	// pre-copied).
 	CaptureUS int64 `json:"capture_us"`
 	// ThawUS is the thaw request to thaw confirmed.
 	ThawUS int64 `json:"thaw_us"`

@@ -265,6 +265,7 @@ func addProbe(c *container, s *shot) error {
 		return err
 	}
 	s.ProbeUS, s.ProbeBelow, s.ProbeRequestMaxUS = us(int64(fig.Pause)), fig.Below, us(int64(fig.RequestMax))
+	s.ProbeLeadUS, s.ProbeTailUS = us(int64(fig.Lead)), us(int64(fig.Tail))
 	return nil
 }
 

@@ -26,6 +26,10 @@ type probeFigure struct {
 	Below bool
 	// RequestMax is the longest gap anywhere between request and answer.
 	RequestMax time.Duration
+	// Lead and Tail are how far the gap of Pause reaches before the frozen
+	// interval starts and after it ends (the thaw requested): time the
+	// probe lost to something else than the freeze (CPU taken around it).
+	Lead, Tail time.Duration
 }
 
 // window is a span of CLOCK_MONOTONIC ns.
@@ -49,8 +53,10 @@ func (p *probeTracker) measure(frozen, request window) (probeFigure, error) {
 	p.pending = append(p.pending, gaps...)
 	var fig probeFigure
 	for _, g := range p.pending {
-		if g.Overlaps(frozen.From, frozen.To) {
-			fig.Pause = max(fig.Pause, g.Len())
+		if g.Overlaps(frozen.From, frozen.To) && g.Len() > fig.Pause {
+			fig.Pause = g.Len()
+			fig.Lead = time.Duration(max(frozen.From-g.Start, 0))
+			fig.Tail = time.Duration(max(g.End-frozen.To, 0))
 		}
 		if g.Overlaps(request.From, request.To) {
 			fig.RequestMax = max(fig.RequestMax, g.Len())

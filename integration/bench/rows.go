@@ -18,6 +18,10 @@ type Sample struct {
 	ProbeBelow bool    `json:"probe_below_threshold,omitempty"`
 	// ProbeRequestMaxUS is the longest probe gap between request and answer.
 	ProbeRequestMaxUS float64 `json:"probe_request_max_us,omitempty"`
+	// ProbeLeadUS and ProbeTailUS: how far that gap reaches before the
+	// frozen interval and after it (probeFigure.Lead, Tail).
+	ProbeLeadUS float64 `json:"probe_lead_us,omitempty"`
+	ProbeTailUS float64 `json:"probe_tail_us,omitempty"`
 	// LatencyUS is request → thaw confirmed.
 	LatencyUS float64 `json:"latency_us"`
 	// PartsUS breaks the pause down: freeze, drain, mmap_scan, capture, thaw.

@@ -61,13 +61,13 @@ func (*seamlessStrategy) Snapshot(ctx context.Context, c *container, round int) 
 
 // seamlessShot turns the shim's answer into a shot. The shim reports the
 // frozen instant (captured_at, wall clock) and the pause parts; converted to
-// CLOCK_MONOTONIC, captured_at plus the parts spent frozen (drain, mmap
-// scan, capture) give the frozen window the probe is matched against, plus
-// the thaw the instant the container ran again.
+// CLOCK_MONOTONIC, captured_at plus the time spent frozen (capture_us, which
+// includes the drain and the mmap scan) give the frozen window the probe is
+// matched against, plus the thaw the instant the container ran again.
 func seamlessShot(c *container, st *snapshot.State, raw map[string]any, request window) shot {
 	p := st.Pause
 	frozenAt := c.env.Clock.FromWall(st.CapturedAt)
-	frozenEnd := frozenAt + (p.DrainUS+p.MmapScanUS+p.CaptureUS)*1000
+	frozenEnd := frozenAt + p.CaptureUS*1000
 	var s shot
 	s.PauseUS = float64(st.PauseUS)
 	s.LatencyUS = us(frozenEnd + p.ThawUS*1000 - request.From)
