@@ -8,7 +8,9 @@
 // FROZEN re-written every 5 ms, never THAWED mid-attempt), never a busy
 // spin, on a locked thread raised to SCHED_FIFO meanwhile. A freeze that
 // misses its deadline is thawed and fails with a *TimeoutError naming the
-// tasks that blocked it. Thaw is one write and one read. On v1, an optional
+// tasks that blocked it. Thaw is one write and one read. Pause runs work
+// between a freeze and a thaw on the same SCHED_FIFO thread; Procs lists the
+// cgroup's processes cheaply enough to call frozen. On v1, an optional
 // anchor cgroup (EnsureAnchor) removes a kernel text patch from every
 // transition. LibcontainerFreezeThaw is the baseline it is measured against.
 package freezer
@@ -224,7 +226,7 @@ func (f *Freezer) Close() error {
 // call while frozen (one getdents and one pread for a cgroup without
 // children). Not safe for concurrent use.
 func (f *Freezer) Procs() ([]int, error) {
-	pids, err := f.procs.pids()
+	pids, err := f.procs.pids("cgroup.procs")
 	if err != nil {
 		return nil, fmt.Errorf("processes of %s: %w", f.dir, err)
 	}

@@ -3,11 +3,13 @@ package freezer
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -156,4 +158,60 @@ func testProcs(t *testing.T, kind Kind, root string) {
 		c.Process.Kill()
 		c.Wait()
 	}
+}
+
+func TestWaitQuiescentV1(t *testing.T) { testWaitQuiescent(t, V1, "/sys/fs/cgroup/freezer") }
+
+func TestWaitQuiescentV2(t *testing.T) { testWaitQuiescent(t, V2, unifiedRootOrSkip(t)) }
+
+// testWaitQuiescent: a cgroup whose only task sleeps interruptibly is quiet
+// at once; one with a task stuck in an uninterruptible sleep is not, and the
+// wait is bounded.
+func testWaitQuiescent(t *testing.T, kind Kind, root string) {
+	dir, _ := cgroupWith(t, root, "sleep", "100")
+	f, err := Open(kind, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if q := f.WaitQuiescent(context.Background(), 50*time.Millisecond); !q.Quiet || q.Checks != 1 {
+		t.Fatalf("sleeping task: %+v, want quiet at the first look", q)
+	}
+
+	blocked := uninterruptibleTask(t, dir)
+	start := time.Now()
+	q := f.WaitQuiescent(context.Background(), 20*time.Millisecond)
+	if q.Quiet || q.Checks < 2 || time.Since(start) > 200*time.Millisecond {
+		t.Fatalf("task %d in state D: %+v after %v, want not quiet after a bounded wait", blocked, q, time.Since(start))
+	}
+}
+
+// uninterruptibleTask moves a task into dir that waits in state D: a FUSE
+// request the daemon never answers, interrupted (FUSE then waits killable,
+// i.e. uninterruptible, for the answer to its interrupt).
+func uninterruptibleTask(t *testing.T, dir string) int {
+	t.Helper()
+	tid := startDStateTask(t, dir)
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", tid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tgid int
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "Tgid:"); ok {
+			tgid, _ = strconv.Atoi(strings.TrimSpace(v))
+		}
+	}
+	// SIGURG: the Go runtime's own preemption signal, handled and harmless.
+	if err := unix.Tgkill(tgid, tid, unix.SIGURG); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 512)
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if threadState(tid, buf) == "D" {
+			return tid
+		}
+	}
+	t.Skipf("thread %d never entered state D (state %q)", tid, threadState(tid, buf))
+	return 0
 }

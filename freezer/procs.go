@@ -37,30 +37,32 @@ func (r *procsReader) close() {
 	}
 }
 
-// pids returns the pids in the cgroup and every descendant cgroup, each once.
-func (r *procsReader) pids() ([]int, error) {
+// pids returns the ids listed in file ("cgroup.procs" for processes; v1
+// "tasks" or v2 "cgroup.threads" for threads) of the cgroup and of every
+// descendant cgroup, each once.
+func (r *procsReader) pids(file string) ([]int, error) {
 	var pids []int
 	seen := map[int]bool{}
-	if err := r.collect(r.dirFD, ".", true, seen, &pids); err != nil {
+	if err := r.collect(r.dirFD, file, ".", true, seen, &pids); err != nil {
 		return nil, err
 	}
 	return pids, nil
 }
 
-// collect adds the pids of the cgroup open as dirFD and of its descendants.
-// A descendant (top false) removed meanwhile had no processes: skipped.
-func (r *procsReader) collect(dirFD int, rel string, top bool, seen map[int]bool, pids *[]int) error {
-	procs, err := unix.Openat(dirFD, "cgroup.procs", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+// collect adds the ids in file of the cgroup open as dirFD and of its
+// descendants. A descendant (top false) removed meanwhile had none: skipped.
+func (r *procsReader) collect(dirFD int, file, rel string, top bool, seen map[int]bool, pids *[]int) error {
+	procs, err := unix.Openat(dirFD, file, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if !top && (errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV)) {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("open %s/cgroup.procs: %w", rel, err)
+		return fmt.Errorf("open %s/%s: %w", rel, file, err)
 	}
 	b, err := r.readAll(procs)
 	unix.Close(procs)
 	if err != nil {
-		return fmt.Errorf("read %s/cgroup.procs: %w", rel, err)
+		return fmt.Errorf("read %s/%s: %w", rel, file, err)
 	}
 	for len(b) > 0 {
 		var field []byte
@@ -74,7 +76,7 @@ func (r *procsReader) collect(dirFD int, rel string, top bool, seen map[int]bool
 		}
 		pid, err := strconv.Atoi(string(field))
 		if err != nil {
-			return fmt.Errorf("%s/cgroup.procs: bad pid %q", rel, field)
+			return fmt.Errorf("%s/%s: bad id %q", rel, file, field)
 		}
 		if !seen[pid] {
 			seen[pid] = true
@@ -99,7 +101,7 @@ func (r *procsReader) collect(dirFD int, rel string, top bool, seen map[int]bool
 		if err != nil {
 			return fmt.Errorf("open %s: %w", child, err)
 		}
-		err = r.collect(fd, child, false, seen, pids)
+		err = r.collect(fd, file, child, false, seen, pids)
 		unix.Close(fd)
 		if err != nil {
 			return err

@@ -188,7 +188,7 @@ func (c *capturer) captureData(dirfd int, name string, e *Entry) error {
 	}
 	c.nextID++
 	data := strconv.Itoa(c.nextID)
-	res, err := c.copier.copyData(dirfd, name, filepath.Join(c.dataDir, data))
+	res, err := c.copier.copyData(dirfd, name, filepath.Join(c.dataDir, data), 0)
 	if err != nil {
 		return fmt.Errorf("capture %s: %w", e.Path, err)
 	}

@@ -14,7 +14,14 @@ type copier struct {
 	noClone bool   // FICLONE is unsupported between source and destination
 	noRange bool   // copy_file_range is unsupported between them
 	buf     []byte // read/write fallback buffer, allocated on first use
+	small   []byte // buffer of plain copies (copyData's plainBelow)
 }
+
+// pausePlainCopy is the plainBelow of copies made in or right before a
+// pause: sharing extents (FICLONE, or copy_file_range on XFS and btrfs)
+// first writes the source's dirty pages back to disk, which costs far more
+// than copying a small file through the page cache.
+const pausePlainCopy = 64 << 10
 
 // copyResult describes one copied file.
 type copyResult struct {
@@ -29,7 +36,8 @@ type copyResult struct {
 // filesystems). The source is opened O_PATH first and only reopened for
 // reading once it is known to be a regular file, so a fifo or device node is
 // never opened. The copy must have exactly the source's size at open time.
-func (c *copier) copyData(srcDirFd int, name, dst string) (copyResult, error) {
+// Files smaller than plainBelow bytes are copied with read and write.
+func (c *copier) copyData(srcDirFd int, name, dst string, plainBelow int64) (copyResult, error) {
 	src, st, err := openRegularBeneath(srcDirFd, name)
 	if err != nil {
 		return copyResult{}, err
@@ -41,7 +49,11 @@ func (c *copier) copyData(srcDirFd int, name, dst string) (copyResult, error) {
 	}
 	defer unix.Close(out)
 	res := copyResult{Ino: st.Ino}
-	res.Size, res.Reflinked, err = c.copyFd(src, out)
+	if st.Size < plainBelow {
+		res.Size, err = c.copySmall(src, out)
+	} else {
+		res.Size, res.Reflinked, err = c.copyFd(src, out)
+	}
 	if err == nil {
 		err = trimTo(out, res.Size)
 	}
@@ -149,6 +161,46 @@ func copyRange(src, dst int) (int64, error) {
 }
 
 // readWrite copies src to dst until EOF through a buffer.
+// copySmall copies a small file with read and write through a buffer kept
+// for such copies (one read and one write, plus the read at EOF).
+func (c *copier) copySmall(src, dst int) (int64, error) {
+	if c.small == nil {
+		c.small = make([]byte, pausePlainCopy)
+	}
+	var total int64
+	for {
+		n, err := unix.Pread(src, c.small, total)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return total, fmt.Errorf("read: %w", err)
+		}
+		if n == 0 {
+			return total, nil
+		}
+		if err := pwriteAll(dst, c.small[:n], total); err != nil {
+			return total, fmt.Errorf("write: %w", err)
+		}
+		total += int64(n)
+	}
+}
+
+// pwriteAll writes b at offset off of fd.
+func pwriteAll(fd int, b []byte, off int64) error {
+	for len(b) > 0 {
+		n, err := unix.Pwrite(fd, b, off)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		b, off = b[n:], off+int64(n)
+	}
+	return nil
+}
+
 func (c *copier) readWrite(src, dst int) (int64, error) {
 	if c.buf == nil {
 		c.buf = make([]byte, 1<<20)

@@ -29,7 +29,7 @@ func TestCopyDataFallbacks(t *testing.T) {
 	for name, dst := range dsts {
 		for _, c := range []copier{{}, {noClone: true}, {noClone: true, noRange: true}} {
 			out := filepath.Join(dst, "copy")
-			res, err := c.copyData(dirfd, "f", out)
+			res, err := c.copyData(dirfd, "f", out, 0)
 			mustNil(t, err)
 			got, err := os.ReadFile(out)
 			mustNil(t, err)
@@ -39,6 +39,32 @@ func TestCopyDataFallbacks(t *testing.T) {
 			if name == "tmpfs" && (!c.noClone || !c.noRange || res.Reflinked) {
 				t.Errorf("tmpfs: copier %+v did not fall back to read/write", c)
 			}
+		}
+	}
+}
+
+// TestCopyDataPlainBelow: files under plainBelow are copied with read and
+// write (never sharing extents), in place over a longer earlier copy; larger
+// ones take the normal path.
+func TestCopyDataPlainBelow(t *testing.T) {
+	src, dst := t.TempDir(), t.TempDir()
+	dirfd, err := unix.Open(src, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	mustNil(t, err)
+	defer unix.Close(dirfd)
+	var c copier
+	out := filepath.Join(dst, "copy")
+	for _, size := range []int{pausePlainCopy + 1, 0, 1, 4096, pausePlainCopy - 1, 10} {
+		want := pseudoRandom(size)
+		mustNil(t, os.WriteFile(filepath.Join(src, "f"), want, 0o644))
+		res, err := c.copyData(dirfd, "f", out, pausePlainCopy)
+		mustNil(t, err)
+		got, err := os.ReadFile(out)
+		mustNil(t, err)
+		if res.Size != int64(size) || !bytes.Equal(got, want) {
+			t.Errorf("size %d: copied %d bytes, content equal %v (len %d)", size, res.Size, bytes.Equal(got, want), len(got))
+		}
+		if size < pausePlainCopy && res.Reflinked {
+			t.Errorf("size %d: a small file was reflinked", size)
 		}
 	}
 }
@@ -58,11 +84,11 @@ func TestCopyDataRefusesNonRegular(t *testing.T) {
 	dst := filepath.Join(t.TempDir(), "out")
 	var c copier
 	for _, name := range []string{"fifo", "dev", "link", "dirlink/f", "../" + filepath.Base(src) + "/sub/f", "/etc/passwd"} {
-		if _, err := c.copyData(dirfd, name, dst); err == nil {
+		if _, err := c.copyData(dirfd, name, dst, 0); err == nil {
 			t.Errorf("copyData(%q) succeeded", name)
 		}
 	}
-	if _, err := c.copyData(dirfd, "sub/f", dst); err != nil {
+	if _, err := c.copyData(dirfd, "sub/f", dst, 0); err != nil {
 		t.Errorf("copyData(sub/f): %v", err)
 	}
 }
@@ -79,7 +105,7 @@ func TestCopyDataRewritesInPlace(t *testing.T) {
 	for i, size := range []int{3 << 20, 10, 0, 5000} {
 		want := pseudoRandom(size)
 		mustNil(t, os.WriteFile(filepath.Join(src, "f"), want, 0o644))
-		res, err := c.copyData(dirfd, "f", dst)
+		res, err := c.copyData(dirfd, "f", dst, 0)
 		mustNil(t, err)
 		got, err := os.ReadFile(dst)
 		mustNil(t, err)

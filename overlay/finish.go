@@ -81,6 +81,7 @@ func (p *Precopy) Prepare(ctx context.Context, pids []int) error {
 	// The pause re-copies mapped files whatever happens; copying them now
 	// too leaves their staged pages and the copy path warm.
 	ps := p.newPass(false)
+	ps.plainBelow = pausePlainCopy // as the pause will copy them
 	defer ps.close()
 	for rel := range scan.paths {
 		ps.add(rel, false)

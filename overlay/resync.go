@@ -35,7 +35,10 @@ type pass struct {
 	copied map[uint64]bool // inodes whose data was copied in this pass
 	dirs   map[string]dirFd
 	retry  map[string]bool // running only: paths to resync again (recursively)
-	stats  passStats
+	// plainBelow: files smaller than this are copied with read and write
+	// (copyData); set for the frozen pass and Prepare's.
+	plainBelow int64
+	stats      passStats
 }
 
 // dirFd is an open directory of the upper dir and its inode.
@@ -55,11 +58,15 @@ type passStats struct {
 }
 
 func (p *Precopy) newPass(frozen bool) *pass {
-	return &pass{
+	ps := &pass{
 		p: p, frozen: frozen,
 		queue: map[string]bool{}, dirty: map[string]bool{}, done: map[string]bool{}, walked: map[string]bool{},
 		copied: map[uint64]bool{}, dirs: map[string]dirFd{}, retry: map[string]bool{},
 	}
+	if frozen {
+		ps.plainBelow = pausePlainCopy
+	}
+	return ps
 }
 
 // close releases the directories opened by the pass.
@@ -300,7 +307,7 @@ func (ps *pass) stage(dirfd int, name string, e *Entry) error {
 		return nil
 	}
 	data := st.dataFile(e.Inode)
-	res, err := ps.p.copier.copyData(dirfd, name, filepath.Join(ps.p.dataDir, data))
+	res, err := ps.p.copier.copyData(dirfd, name, filepath.Join(ps.p.dataDir, data), ps.plainBelow)
 	if err == nil && (res.Ino != e.Inode || res.Size != e.Size) {
 		err = errChanged
 	}

@@ -130,16 +130,19 @@ func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mou
 	if err != nil {
 		return fmt.Errorf("seal capture of %s: %w", mnt.Upperdir, err)
 	}
-	st.Capture = snapshot.CaptureFigures{
-		Strategy: "precopy", DataCopy: pstats.DataCopy,
-		PrecopyMS: pstats.Duration.Milliseconds(), PrecopyRounds: pstats.Rounds,
-		DirtyEntries: fstats.DirtyEntries, Fallback: fstats.Fallback, FallbackReason: fstats.FallbackReason,
-	}
+	c := &st.Capture // the quiescence figures are already in
+	c.Strategy, c.DataCopy = "precopy", pstats.DataCopy
+	c.PrecopyMS, c.PrecopyRounds = pstats.Duration.Milliseconds(), pstats.Rounds
+	c.DirtyEntries, c.Fallback, c.FallbackReason = fstats.DirtyEntries, fstats.Fallback, fstats.FallbackReason
 	st.Entries = len(m.Entries)
 	st.Bytes = manifestBytes(m)
 	st.Phase = snapshot.PhaseCaptured
 	return s.store.Save(st)
 }
+
+// maxQuiesceWait bounds how long a freeze is put off while a task of the
+// container is in an uninterruptible sleep (see freezer.WaitQuiescent).
+const maxQuiesceWait = 20 * time.Millisecond
 
 // frozenRecapture is the pause: freeze, re-capture the dirty set, thaw. The
 // watchdog is armed for its whole length; the freezer thaws on every path.
@@ -157,6 +160,8 @@ func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *free
 	if err := pre.Prepare(ctx, pids); err != nil {
 		return fstats, fmt.Errorf("pre-copy catch-up: %w", err)
 	}
+	q := fr.WaitQuiescent(ctx, maxQuiesceWait)
+	st.Capture.QuiesceWaitUS, st.Capture.QuiesceTimedOut = q.Waited.Microseconds(), !q.Quiet
 	// Armed after the catch-up, which may take a while: the watchdog's
 	// deadline is for the pause.
 	guard, err := s.armWatchdog(fr)

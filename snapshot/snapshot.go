@@ -144,6 +144,12 @@ type CaptureFigures struct {
 	Fallback bool `json:"fallback"`
 	// FallbackReason says why.
 	FallbackReason string `json:"fallback_reason,omitempty"`
+	// QuiesceWaitUS is how long the freeze was put off while a task of the
+	// container was in an uninterruptible sleep (which would hold the
+	// freeze, and so every other task, until it ended); QuiesceTimedOut
+	// says the wait ran out and the freeze went ahead anyway.
+	QuiesceWaitUS   int64 `json:"quiesce_wait_us,omitempty"`
+	QuiesceTimedOut bool  `json:"quiesce_timed_out,omitempty"`
 }
 
 // UploadFigures describe the uploader's work, over all its runs.

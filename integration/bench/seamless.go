@@ -84,7 +84,7 @@ func seamlessShot(c *container, st *snapshot.State, raw map[string]any, request 
 // figureKeys are the capture figures issue 3 asks the shim to report;
 // they are looked up anywhere in the answer, so the bench keeps working
 // whichever object the shim nests them in.
-var figureKeys = []string{"precopy_ms", "precopy_rounds", "dirty_entries", "fallback", "fallback_reason", "strategy", "data_copy"}
+var figureKeys = []string{"precopy_ms", "precopy_rounds", "dirty_entries", "fallback", "fallback_reason", "strategy", "data_copy", "quiesce_wait_us", "quiesce_timed_out"}
 
 func captureFigures(raw map[string]any) map[string]any {
 	out := map[string]any{}
