@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -335,4 +336,33 @@ func TestBadInput(t *testing.T) {
 	assertThawedAndRunning(t, "e2e-bad-aa")
 	removeContainer(t, "e2e-bad-aa")
 	removeContainer(t, "e2e-bad-ab")
+}
+
+// TestUserPausedContainerRefused: a container the user paused (ctr task
+// pause, i.e. runc pause) is not snapshotted, because the thaw would undo
+// the user's pause; it stays paused, and once resumed a snapshot works.
+func TestUserPausedContainerRefused(t *testing.T) {
+	id := "e2e-paused"
+	startContainer(t, id, nil)
+	ctx := context.Background()
+	if out, err := env.ctd.Ctr(ctx, "task", "pause", id); err != nil {
+		t.Fatalf("ctr task pause: %v\n%s", err, out)
+	}
+	res := seamless(t, "snapshot", "--container", id, "--target", env.reg.Host+"/e2e/paused:1", "--plain-http")
+	if res.code != 1 || !strings.Contains(res.stderr, "is paused") {
+		t.Errorf("snapshot of a paused container: exit %d %s", res.code, res.stderr)
+	}
+	if frozen, err := env.ctd.Frozen(id); err != nil || !frozen {
+		t.Errorf("the user's pause was undone: frozen=%v err=%v", frozen, err)
+	}
+	if out, err := env.ctd.Ctr(ctx, "task", "resume", id); err != nil {
+		t.Fatalf("ctr task resume: %v\n%s", err, out)
+	}
+	assertThawedAndRunning(t, id)
+	res = seamless(t, "snapshot", "--container", id, "--target", env.reg.Host+"/e2e/paused:1", "--plain-http", "--wait")
+	if res.code != 0 {
+		t.Errorf("snapshot after resume: exit %d %s", res.code, res.stderr)
+	}
+	assertThawedAndRunning(t, id)
+	removeContainer(t, id)
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 
+	"github.com/seamless-snapshot/seamless/internal/proc"
 	"github.com/seamless-snapshot/seamless/watchdog"
 )
 
@@ -19,6 +20,28 @@ const RoleShim = "shim"
 // EnvReadyFD names the fd on which the shim reports "ready" or an error line
 // to the process that started it.
 const EnvReadyFD = "_SEAMLESS_READY_FD"
+
+// EnvNice sets the nice value of shims and of the uploaders they start
+// (default DefaultNice): their pre-copy, catch-up and compression then yield
+// the CPU to the container's own processes. The pause itself runs
+// SCHED_FIFO whatever this says.
+const EnvNice = "SEAMLESS_NICE"
+
+// DefaultNice is the shims' nice value when EnvNice is not set.
+const DefaultNice = 10
+
+// shimNice returns the nice value EnvNice asks for, or DefaultNice.
+func shimNice() (int, error) {
+	v := os.Getenv(EnvNice)
+	if v == "" {
+		return DefaultNice, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < -20 || n > 19 {
+		return DefaultNice, fmt.Errorf("%s=%q: want a nice value from -20 to 19; using %d", EnvNice, v, DefaultNice)
+	}
+	return n, nil
+}
 
 // Main is the shim role's entry point: args[1] is the JSON config.
 func Main(args []string) int {
@@ -41,6 +64,11 @@ func Main(args []string) int {
 	}
 	logger, closeLog := openLog(cfg)
 	defer closeLog()
+	if nice, err := shimNice(); err != nil {
+		logger.Printf("shim for %s: %v", cfg.ContainerID, err)
+	} else if err := proc.NiceThreads(nice); err != nil {
+		logger.Printf("shim for %s: %v", cfg.ContainerID, err)
+	}
 	exe, err := os.Executable()
 	if err != nil {
 		report("error: shim: " + err.Error())

@@ -149,10 +149,6 @@ const maxQuiesceWait = 20 * time.Millisecond
 // Right before it the pre-copy catches up and the in-pause path is run once
 // (warm); during it the Go collector is kept from starting.
 func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *freezer.Freezer, pre *overlay.Precopy) (fstats overlay.FinishStats, err error) {
-	// A container the user paused stays paused: our thaw would undo it.
-	if frozen, ferr := fr.Frozen(); ferr == nil && frozen {
-		return fstats, fmt.Errorf("container %s is paused; resume it, then snapshot", s.cfg.ContainerID)
-	}
 	pids, err := fr.Procs()
 	if err != nil {
 		return fstats, err
@@ -162,6 +158,10 @@ func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *free
 	}
 	q := fr.WaitQuiescent(ctx, maxQuiesceWait)
 	st.Capture.QuiesceWaitUS, st.Capture.QuiesceTimedOut = q.Waited.Microseconds(), !q.Quiet
+	// A container the user paused stays paused: our thaw would undo it.
+	if frozen, ferr := fr.Frozen(); ferr == nil && frozen {
+		return fstats, fmt.Errorf("container %s is paused; resume it, then snapshot", s.cfg.ContainerID)
+	}
 	// Armed after the catch-up, which may take a while: the watchdog's
 	// deadline is for the pause.
 	guard, err := s.armWatchdog(fr)

@@ -1,6 +1,7 @@
 // Package proc reads what seamless needs to know about a process from
 // /proc: whether it runs, and when it started (to tell it from a later
-// process that got the same pid).
+// process that got the same pid); NiceThreads lowers this process's CPU
+// priority.
 package proc
 
 import (
@@ -9,6 +10,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Stat is the part of /proc/PID/stat seamless uses.
@@ -69,4 +72,26 @@ func Alive(pid int, start uint64) bool {
 		return false
 	}
 	return start == 0 || st.StartTime == start
+}
+
+// NiceThreads sets the nice value of every thread of this process. On Linux
+// nice is per thread (setpriority on the process id reaches only the main
+// thread); threads created later inherit it from the thread that creates
+// them, so calling this early in a Go program covers the runtime's threads.
+func NiceThreads(nice int) error {
+	entries, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return fmt.Errorf("list threads: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		tid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, nice); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("nice thread %d: %w", tid, err))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -3,8 +3,12 @@ package proc
 import (
 	"os"
 	"os/exec"
+	"runtime"
+	"strconv"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParseStat(t *testing.T) {
@@ -48,5 +52,38 @@ func TestAlive(t *testing.T) {
 	cmd.Wait()
 	if Alive(pid, 0) || Alive(-1, 0) {
 		t.Error("exited process alive")
+	}
+}
+
+// TestNiceThreads: every thread of the process gets the nice value, and
+// threads started afterwards inherit it.
+func TestNiceThreads(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to restore the nice value")
+	}
+	defer NiceThreads(0)
+	if err := NiceThreads(7); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { // a new OS thread, created after the call
+		runtime.LockOSThread()
+		<-done
+	}()
+	time.Sleep(20 * time.Millisecond)
+	defer close(done)
+	entries, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		tid, _ := strconv.Atoi(e.Name())
+		prio, err := unix.Getpriority(unix.PRIO_PROCESS, tid)
+		if err != nil {
+			continue // the thread ended
+		}
+		if nice := 20 - prio; nice != 7 { // the raw syscall returns 20 - nice
+			t.Errorf("thread %d has nice %d, want 7", tid, nice)
+		}
 	}
 }
