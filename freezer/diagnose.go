@@ -3,11 +3,8 @@ package freezer
 import (
 	"bytes"
 	"fmt"
-	"io/fs"
 	"os"
-	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 )
@@ -69,7 +66,8 @@ func inFreezerTrap(wchan string) bool {
 // the list once the cgroup is thawed.
 func (f *Freezer) unfrozenTasks() []Task {
 	var out []Task
-	for _, tid := range f.threads() {
+	tids, _ := f.threads() // best effort: this only names the blockers
+	for _, tid := range tids {
 		wchan, err := os.ReadFile(fmt.Sprintf("/proc/%d/wchan", tid))
 		if err != nil || inFreezerTrap(string(wchan)) {
 			continue
@@ -134,28 +132,12 @@ func postThawStates(tasks []Task) []string {
 }
 
 // threads lists the thread ids of the cgroup and its descendants.
-func (f *Freezer) threads() []int {
-	name := "cgroup.threads"
+func (f *Freezer) threads() ([]int, error) {
+	file := "cgroup.threads"
 	if f.kind == V1 {
-		name = "tasks"
+		file = "tasks"
 	}
-	var tids []int
-	_ = filepath.WalkDir(f.dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || !d.IsDir() {
-			return nil
-		}
-		b, err := os.ReadFile(filepath.Join(p, name))
-		if err != nil {
-			return nil
-		}
-		for _, field := range strings.Fields(string(b)) {
-			if tid, err := strconv.Atoi(field); err == nil {
-				tids = append(tids, tid)
-			}
-		}
-		return nil
-	})
-	return tids
+	return f.procs.pids(file)
 }
 
 // procCommState extracts comm and the state letter from a /proc/<pid>/stat line.

@@ -222,9 +222,10 @@ func (f *Freezer) Close() error {
 }
 
 // Procs lists the processes of the cgroup and of its descendant cgroups,
-// each once, through descriptors opened with the freezer: cheap enough to
-// call while frozen (one getdents and one pread for a cgroup without
-// children). Not safe for concurrent use.
+// each once, through the cgroup directory opened with the freezer: cheap
+// enough to call while frozen (for a cgroup without children, an open and a
+// read of cgroup.procs and an fstat of the directory). Not safe for
+// concurrent use.
 func (f *Freezer) Procs() ([]int, error) {
 	pids, err := f.procs.pids("cgroup.procs")
 	if err != nil {
@@ -248,10 +249,17 @@ func (f *Freezer) Frozen() (bool, error) {
 // ends a nap early when the kernel notifies). The calling thread runs
 // SCHED_FIFO meanwhile, unless the options or the kernel refuse it.
 func (f *Freezer) Freeze(ctx context.Context, timeout time.Duration) (Result, error) {
+	rt := enterRT(f.rtPrio, true)
+	defer rt.leave()
+	return f.freezeOrThaw(ctx, timeout, rt)
+}
+
+// freezeOrThaw freezes on the calling thread (entered as rt) and returns
+// once every task is frozen, or thaws and returns why not.
+func (f *Freezer) freezeOrThaw(ctx context.Context, timeout time.Duration, rt rtThread) (Result, error) {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	rt := enterRT(f.rtPrio, true)
 	start := time.Now()
 	deadline := start.Add(timeout)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
@@ -259,13 +267,10 @@ func (f *Freezer) Freeze(ctx context.Context, timeout time.Duration) (Result, er
 	}
 	res, frozen, err := f.freezeAndConfirm(ctx, start, deadline)
 	res.Realtime = rt.realtime()
-	if err == nil && frozen {
-		rt.leave()
-		return res, nil
+	if err != nil || !frozen {
+		return res, f.failedFreeze(ctx, res, err)
 	}
-	err = f.failedFreeze(ctx, res, err)
-	rt.leave()
-	return res, err
+	return res, nil
 }
 
 // freezeAndConfirm requests the freeze and waits until it is confirmed

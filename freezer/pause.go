@@ -28,21 +28,11 @@ type PauseResult struct {
 // The cgroup is thawed on every path, a panic in work included. work's
 // error is returned, joined with the thaw's.
 func (f *Freezer) Pause(ctx context.Context, timeout time.Duration, work func() error) (res PauseResult, err error) {
-	if timeout <= 0 {
-		timeout = DefaultTimeout
-	}
 	rt := enterRT(f.rtPrio, true)
 	defer rt.leave()
 	start := time.Now()
-	deadline := start.Add(timeout)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	freeze, frozen, err := f.freezeAndConfirm(ctx, start, deadline)
-	res.Freeze = freeze
-	res.Freeze.Realtime = rt.realtime()
-	if err != nil || !frozen {
-		return res, f.failedFreeze(ctx, freeze, err)
+	if res.Freeze, err = f.freezeOrThaw(ctx, timeout, rt); err != nil {
+		return res, err
 	}
 	res.FrozenAt = time.Now()
 	thawed := false

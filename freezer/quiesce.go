@@ -51,11 +51,7 @@ func (f *Freezer) WaitQuiescent(ctx context.Context, max time.Duration) Quiescen
 // uninterruptible reports whether a thread of the cgroup (or of a
 // descendant) is in state D.
 func (f *Freezer) uninterruptible() (bool, error) {
-	file := "cgroup.threads"
-	if f.kind == V1 {
-		file = "tasks"
-	}
-	tids, err := f.procs.pids(file)
+	tids, err := f.threads()
 	if err != nil {
 		return false, err
 	}

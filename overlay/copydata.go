@@ -161,15 +161,28 @@ func copyRange(src, dst int) (int64, error) {
 }
 
 // readWrite copies src to dst until EOF through a buffer.
+func (c *copier) readWrite(src, dst int) (int64, error) {
+	if c.buf == nil {
+		c.buf = make([]byte, 1<<20)
+	}
+	return copyThrough(src, dst, c.buf)
+}
+
 // copySmall copies a small file with read and write through a buffer kept
 // for such copies (one read and one write, plus the read at EOF).
 func (c *copier) copySmall(src, dst int) (int64, error) {
 	if c.small == nil {
 		c.small = make([]byte, pausePlainCopy)
 	}
+	return copyThrough(src, dst, c.small)
+}
+
+// copyThrough copies src to dst from their current offsets to src's EOF
+// with read and write through buf.
+func copyThrough(src, dst int, buf []byte) (int64, error) {
 	var total int64
 	for {
-		n, err := unix.Pread(src, c.small, total)
+		n, err := unix.Read(src, buf)
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -179,45 +192,7 @@ func (c *copier) copySmall(src, dst int) (int64, error) {
 		if n == 0 {
 			return total, nil
 		}
-		if err := pwriteAll(dst, c.small[:n], total); err != nil {
-			return total, fmt.Errorf("write: %w", err)
-		}
-		total += int64(n)
-	}
-}
-
-// pwriteAll writes b at offset off of fd.
-func pwriteAll(fd int, b []byte, off int64) error {
-	for len(b) > 0 {
-		n, err := unix.Pwrite(fd, b, off)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		b, off = b[n:], off+int64(n)
-	}
-	return nil
-}
-
-func (c *copier) readWrite(src, dst int) (int64, error) {
-	if c.buf == nil {
-		c.buf = make([]byte, 1<<20)
-	}
-	var total int64
-	for {
-		n, err := unix.Read(src, c.buf)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return total, fmt.Errorf("read: %w", err)
-		}
-		if n == 0 {
-			return total, nil
-		}
-		if err := writeAll(dst, c.buf[:n]); err != nil {
+		if err := writeAll(dst, buf[:n]); err != nil {
 			return total, fmt.Errorf("write: %w", err)
 		}
 		total += int64(n)

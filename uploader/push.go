@@ -206,7 +206,11 @@ func isBlobPath(path string) bool {
 		return false
 	}
 	i := strings.LastIndex(rest, "/blobs/")
-	return i > 0 && strings.Contains(rest[i+len("/blobs/"):], ":") && !strings.Contains(rest[i+len("/blobs/"):], "/")
+	if i <= 0 {
+		return false
+	}
+	digest := rest[i+len("/blobs/"):]
+	return strings.Contains(digest, ":") && !strings.Contains(digest, "/")
 }
 
 // sendCounter counts the request body bytes sent to the registry's API.

@@ -57,11 +57,17 @@ func (c *container) frozen(ctx context.Context, work func(context.Context) error
 	if werr != nil {
 		return shot{}, werr
 	}
+	return timedShot(t0, t1, t2, t3), nil
+}
+
+// timedShot is the shot of a pause timed by the bench's clock: freeze
+// requested (t0), frozen (t1), thaw requested (t2), thawed (t3).
+func timedShot(t0, t1, t2, t3 int64) shot {
 	var s shot
 	s.PauseUS, s.LatencyUS = us(t3-t0), us(t3-t0)
 	s.PartsUS = map[string]float64{"freeze": us(t1 - t0), "capture": us(t2 - t1), "thaw": us(t3 - t2)}
 	s.frozen, s.request = window{t1, t2}, window{t0, t3}
-	return s, nil
+	return s
 }
 
 // workThenThaw runs work on the frozen container and thaws it, also when
@@ -104,11 +110,7 @@ func (c *container) emptyPause(ctx context.Context) (shot, error) {
 		}
 		return shot{}, fmt.Errorf("pause: %w", err)
 	}
-	var s shot
-	s.PauseUS, s.LatencyUS = us(t3-t0), us(t3-t0)
-	s.PartsUS = map[string]float64{"freeze": us(t1 - t0), "capture": us(t2 - t1), "thaw": us(t3 - t2)}
-	s.frozen, s.request = window{t1, t2}, window{t0, t3}
-	return s, nil
+	return timedShot(t0, t1, t2, t3), nil
 }
 
 func us(ns int64) float64 { return float64(ns) / 1000 }
