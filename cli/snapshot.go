@@ -87,6 +87,9 @@ func (a *App) printCaptured(st *snapshot.State) {
 		st.PauseUS, st.Pause.FreezeUS, st.Pause.CaptureUS, st.Capture.DirtyEntries, st.Pause.ThawUS, st.Freezer)
 	if c := st.Capture; c.Strategy != "" {
 		line := fmt.Sprintf("pre-copy: %d ms, %d round(s), data by %s", c.PrecopyMS, c.PrecopyRounds, dash(c.DataCopy))
+		if c.MappedFiles > 0 {
+			line += fmt.Sprintf("; %d file(s) mapped shared-writable copied again in the pause", c.MappedFiles)
+		}
 		if c.Fallback {
 			line += "; dirty tracking unavailable, full rescan in the pause: " + c.FallbackReason
 		}

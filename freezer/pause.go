@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // PauseResult times one Pause.
@@ -27,9 +29,17 @@ type PauseResult struct {
 // should be short and must not wait for other goroutines of the process.
 // The cgroup is thawed on every path, a panic in work included. work's
 // error is returned, joined with the thaw's.
+//
+// The thread naps briefly before it takes SCHED_FIFO and again after it
+// leaves it, so that it neither starts nor goes on on a CPU the container's
+// tasks run on (see cpuNap).
 func (f *Freezer) Pause(ctx context.Context, timeout time.Duration, work func() error) (res PauseResult, err error) {
+	cpuNap()
 	rt := enterRT(f.rtPrio, true)
-	defer rt.leave()
+	defer func() {
+		rt.leave()
+		cpuNap()
+	}()
 	start := time.Now()
 	if res.Freeze, err = f.freezeOrThaw(ctx, timeout, rt); err != nil {
 		return res, err
@@ -70,4 +80,23 @@ func (f *Freezer) failedFreeze(ctx context.Context, res Result, err error) error
 		return errors.Join(timeoutErr, more)
 	}
 	return timeoutErr
+}
+
+// cpuNapLength is how long cpuNap sleeps: any sleep will do.
+const cpuNapLength = 20 * time.Microsecond
+
+// cpuNap blocks the calling thread for a moment so that the scheduler puts
+// it back on an idle CPU, if there is one, when it wakes.
+//
+// Before the freeze: a thread that turns SCHED_FIFO where a task of the
+// container runs stops that task before the freeze is even requested, and
+// the container's pause starts early. After the thaw: the thawed tasks wake
+// on the CPUs they froze on, often this thread's, and the scheduler was seen
+// to keep a thread that just left SCHED_FIFO running in their stead until
+// the next tick, 3–5 ms (in 7 of 100 pauses in the measurement behind this;
+// none with the nap, where the thread sleeps, the task runs, and the thread
+// wakes on another CPU).
+func cpuNap() {
+	ts := unix.NsecToTimespec(cpuNapLength.Nanoseconds())
+	_ = unix.Nanosleep(&ts, nil)
 }

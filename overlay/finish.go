@@ -27,6 +27,7 @@ type FinishStats struct {
 	// In a fallback: entries whose data had to be copied again.
 	DirtyEntries int
 	MappedFiles  int   // upper files mapped shared+writable by the frozen tasks
+	MappedHeld   int   // of those, re-copied through descriptors held since Prepare
 	Files        int   // data files rewritten
 	Bytes        int64 // bytes copied
 	// Fallback says the dirty set could not be trusted and a full metadata
@@ -61,7 +62,11 @@ func (p *Precopy) Finish(ctx context.Context, pids []int) (*Manifest, FinishStat
 // writable, so that the code, the caches and the kernel's data the pause
 // touches are warm when it begins. Recapture still drains and scans
 // everything; only the upper paths confirmed for mapped files are reused
-// when no name changed meanwhile.
+// when no name changed meanwhile, and the mapped files and the processes'
+// maps files stay open for it (closed by Seal or Close, after the thaw).
+//
+// After Prepare, events wait in the kernel until Recapture reads them (a
+// queue overflow meanwhile makes it rescan): freeze soon.
 func (p *Precopy) Prepare(ctx context.Context, pids []int) error {
 	if p.closed || p.recaptureTried {
 		return errors.New("pre-copy: Prepare after Close or Recapture")
@@ -71,11 +76,18 @@ func (p *Precopy) Prepare(ctx context.Context, pids []int) error {
 			return err
 		}
 	}
+	// From here on events wait in the kernel's queue for the pause's drain:
+	// the reader goroutine, which holds the tracker's lock while it reads,
+	// must not be mid-read when the frozen thread needs that lock.
+	defer p.stopReader()
+	p.maps.hold(pids)
+	p.maps.enableHeld(pids)
 	scan, err := p.scanMappings(pids, false)
 	if err != nil {
 		return fmt.Errorf("prepare capture: %w", err)
 	}
 	if len(scan.paths) == 0 {
+		p.releaseHeld()
 		return nil
 	}
 	// The pause re-copies mapped files whatever happens; copying them now
@@ -90,7 +102,15 @@ func (p *Precopy) Prepare(ctx context.Context, pids []int) error {
 		return fmt.Errorf("prepare capture %s: %w", p.upperDir, err)
 	}
 	p.endPass(ps)
+	p.holdMapped(scan.paths)
 	return nil
+}
+
+// stopReader stops the tracker's reader goroutine (see Prepare).
+func (p *Precopy) stopReader() {
+	if p.tracker != nil {
+		p.tracker.stopReader()
+	}
 }
 
 // Recapture brings the staged copy to the frozen instant; every task of the
@@ -116,7 +136,9 @@ func (p *Precopy) Recapture(ctx context.Context, pids []int) (fs FinishStats, er
 
 	start = time.Now()
 	// With no event since Prepare's scan, no name changed: the upper paths
-	// it confirmed for mapped files still hold.
+	// it confirmed for mapped files still hold. Its maps files serve if no
+	// process joined since.
+	p.maps.enableHeld(pids)
 	scan, err := p.scanMappings(pids, reason == "" && len(dirty) == 0)
 	fs.MmapScan = time.Since(start)
 	if err != nil {
@@ -166,10 +188,32 @@ func (p *Precopy) recaptureDirty(ctx context.Context, dirty []dirtyDir, mapped m
 	for rel, recursive := range p.forced {
 		ps.add(rel, recursive)
 	}
+	var held []string
 	for rel := range mapped {
+		if p.held[rel] != nil {
+			held = append(held, rel) // after the dirty set, unless in it
+			continue
+		}
 		ps.add(rel, false)
 	}
 	ps.addExternal()
+	if err := ps.run(ctx); err != nil {
+		return fmt.Errorf("finish capture %s: %w", p.upperDir, err)
+	}
+	// A mapped file that the dirty set did not reach still has the name and
+	// status it was held with: copy its data again through the held files.
+	for _, rel := range held {
+		if ps.dirty[rel] || ps.done[rel] || ps.underWalked(rel) {
+			continue
+		}
+		ok, err := p.recopyHeld(rel, fs)
+		if err != nil {
+			return fmt.Errorf("finish capture %s: %w", p.upperDir, err)
+		}
+		if !ok {
+			ps.add(rel, false)
+		}
+	}
 	if err := ps.run(ctx); err != nil {
 		return fmt.Errorf("finish capture %s: %w", p.upperDir, err)
 	}
@@ -253,6 +297,9 @@ func (p *Precopy) countFinish(ps *pass, fs *FinishStats) {
 // entry uses, and returns the manifest. It does not read the upper dir: call
 // it after the thaw.
 func (p *Precopy) Seal(ctx context.Context) (*Manifest, error) {
+	// Closed here, after the thaw, rather than in the pause.
+	p.releaseHeld()
+	p.maps.release()
 	if !p.recaptured || p.sealed || p.closed {
 		return nil, errors.New("pre-copy: Seal needs one successful Recapture first (and no Seal or Close since)")
 	}

@@ -48,12 +48,93 @@ type mapsReader struct {
 	noQuery bool   // PROCMAP_QUERY is not supported
 	name    []byte // heap buffer the kernel writes VMA names into
 	text    []byte // buffer for the text format
+	// held are maps files kept open by hold (pid -> fd); useHeld says read
+	// may query them instead of opening the pid's maps afresh.
+	held    map[int]int
+	useHeld bool
+}
+
+// maxHeldMaps bounds the processes whose maps files hold keeps open (and
+// compares pairwise with kcmp).
+const maxHeldMaps = 64
+
+// kcmpVM is KCMP_VM (linux/kcmp.h): do two processes share one address space?
+const kcmpVM = 1
+
+// hold opens and keeps the maps files of pids, so that a later read of the
+// same processes costs one PROCMAP_QUERY ioctl per matching mapping instead
+// of a procfs lookup, a ptrace access check and a close per process.
+//
+// An open maps file stays bound to the address space the process had at
+// open time. When the process execs, that address space dies and the query
+// fails with ESRCH (read then opens the maps afresh), unless another process
+// still uses it: nothing is held when two of pids share an address space
+// (vfork, clone(CLONE_VM)), and the caller must not use the held files when
+// a process appeared since (enableHeld).
+func (r *mapsReader) hold(pids []int) {
+	r.release()
+	if r.noQuery || len(pids) > maxHeldMaps {
+		return
+	}
+	for i, a := range pids {
+		for _, b := range pids[i+1:] {
+			same, _, errno := unix.Syscall6(unix.SYS_KCMP, uintptr(a), uintptr(b), kcmpVM, 0, 0, 0)
+			if errno != 0 && errno != unix.ESRCH {
+				return // no kcmp: sharing cannot be ruled out
+			}
+			if errno == 0 && same == 0 {
+				return
+			}
+		}
+	}
+	r.held = make(map[int]int, len(pids))
+	for _, pid := range pids {
+		if fd, err := openMaps(pid); err == nil {
+			r.held[pid] = fd
+		}
+	}
+}
+
+// enableHeld lets read use the held maps files if every one of pids was
+// there when they were opened (no process was created or moved in since).
+func (r *mapsReader) enableHeld(pids []int) {
+	r.useHeld = r.held != nil
+	for _, pid := range pids {
+		if _, ok := r.held[pid]; !ok {
+			r.useHeld = false
+			return
+		}
+	}
+}
+
+// release closes the held maps files.
+func (r *mapsReader) release() {
+	for _, fd := range r.held {
+		unix.Close(fd)
+	}
+	r.held, r.useHeld = nil, false
+}
+
+// openMaps opens /proc/<pid>/maps.
+func openMaps(pid int) (int, error) {
+	return unix.Open("/proc/"+strconv.Itoa(pid)+"/maps", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 }
 
 // read lists the shared writable file mappings of pid. A process that is
 // gone has none.
 func (r *mapsReader) read(pid int) ([]sharedMapping, error) {
-	fd, err := unix.Open("/proc/"+strconv.Itoa(pid)+"/maps", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if fd, ok := r.held[pid]; ok && r.useHeld {
+		out, err := r.query(pid, fd)
+		if err == nil {
+			return out, nil
+		}
+		if !errors.Is(err, unix.ESRCH) && !queryUnsupported(err) {
+			return nil, fmt.Errorf("query maps of pid %d: %w", pid, err)
+		}
+		// The address space it was opened on is gone (exec, exit, pid
+		// reused), or the query needs the text: look at the process afresh.
+	}
+	fd, err := openMaps(pid)
 	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
 		return nil, nil
 	}
@@ -66,12 +147,22 @@ func (r *mapsReader) read(pid int) ([]sharedMapping, error) {
 		if err == nil {
 			return out, nil
 		}
-		if !errors.Is(err, unix.ENOTTY) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENAMETOOLONG) {
+		if errors.Is(err, unix.ESRCH) {
+			return nil, nil // exited after the open
+		}
+		if !queryUnsupported(err) {
 			return nil, fmt.Errorf("query maps of pid %d: %w", pid, err)
 		}
 		r.noQuery = !errors.Is(err, unix.ENAMETOOLONG)
 	}
 	return r.parseText(pid, fd)
+}
+
+// queryUnsupported reports whether a PROCMAP_QUERY error sends read to the
+// text format: the kernel lacks the ioctl (ENOTTY, EINVAL), or a name did
+// not fit the buffer (ENAMETOOLONG, for that process only).
+func queryUnsupported(err error) bool {
+	return errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENAMETOOLONG)
 }
 
 // query walks the matching VMAs of an open maps file with PROCMAP_QUERY.

@@ -1,8 +1,10 @@
 package overlay
 
 import (
+	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"testing"
 	"time"
 
@@ -69,4 +71,75 @@ func TestMapsReaderQueryMatchesText(t *testing.T) {
 		t.Errorf("query %+v, text %+v", got[0], got[1])
 	}
 	t.Logf("query %v, text %v", took[0], took[1])
+}
+
+// TestMapsReaderHeldAcrossExec: a maps file held open stays bound to the
+// address space it was opened on; after the process execs, read must show
+// the new program's mappings, not none and not the old ones.
+func TestMapsReaderHeldAcrossExec(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	before, after := filepath.Join(dir, "before"), filepath.Join(dir, "after")
+	for _, p := range []string{before, after} {
+		writeFile(t, p, string(make([]byte, 4096)))
+	}
+	cg := newTestCgroup(t)
+	c := startChild(t, cg, "mmapexec", false, before, after)
+	pid := c.cmd.Process.Pid
+	var r mapsReader
+	defer r.release()
+	r.hold([]int{pid})
+	if len(r.held) != 1 {
+		t.Fatalf("held %v, want pid %d's maps", r.held, pid)
+	}
+	paths := func() []string {
+		r.enableHeld([]int{pid})
+		if !r.useHeld {
+			t.Fatal("held maps not used for the same process")
+		}
+		ms, err := r.read(pid)
+		mustNil(t, err)
+		var out []string
+		for _, m := range ms {
+			out = append(out, m.path)
+		}
+		return out
+	}
+	if got := paths(); !reflect.DeepEqual(got, []string{before}) {
+		t.Fatalf("before exec: %v, want [%s]", got, before)
+	}
+	if line := c.say(t, "exec"); line != "ready" {
+		t.Fatalf("child after exec said %q; stderr: %s", line, c.stderr)
+	}
+	if got := paths(); !reflect.DeepEqual(got, []string{after}) {
+		t.Errorf("after exec: %v, want [%s]", got, after)
+	}
+
+	// A process that is not in the held set disables them.
+	r.enableHeld([]int{pid, os.Getpid()})
+	if r.useHeld {
+		t.Error("held maps used although a process is new")
+	}
+}
+
+// TestMapsReaderHoldsNothingWhenShared: two pids sharing one address space
+// (here a process and one of its threads, as after vfork or CLONE_VM) are
+// not held: after one of them execs, the other keeps the old one alive.
+func TestMapsReaderHoldsNothingWhenShared(t *testing.T) {
+	requireRoot(t)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if unix.Gettid() == os.Getpid() {
+		t.Skip("the test runs on the main thread")
+	}
+	var r mapsReader
+	defer r.release()
+	r.hold([]int{os.Getpid(), unix.Gettid()})
+	if r.held != nil {
+		t.Errorf("held %v for two pids sharing an address space", r.held)
+	}
+	r.hold([]int{os.Getpid()})
+	if len(r.held) != 1 {
+		t.Errorf("held %v for one process", r.held)
+	}
 }

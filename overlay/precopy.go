@@ -96,6 +96,7 @@ type Precopy struct {
 	store   *store
 	maps    mapsReader
 	mapped  map[mappedFile][]string // upper paths confirmed for mapped files (scanMappings)
+	held    map[string]*heldFile    // mapped files kept open from Prepare to the pause
 	walker  walker
 	copier  copier
 	tracker *tracker // nil when tracking is off
@@ -372,6 +373,8 @@ func (p *Precopy) Close() error {
 		return nil
 	}
 	p.closed = true
+	p.releaseHeld()
+	p.maps.release()
 	var errs []error
 	if p.tracker != nil {
 		errs = append(errs, p.tracker.close())

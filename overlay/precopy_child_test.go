@@ -45,6 +45,8 @@ func runChild(role string, args []string) error {
 		return childStart(func() error { return runWriter(args[0]) })
 	case "mmap":
 		return runMmapWriter(args)
+	case "mmapexec":
+		return runMmapThenExec(args)
 	case "fdwriter":
 		return runFdWriter(args[0])
 	case "slowwriter":
@@ -309,6 +311,42 @@ func runMmapWriter(args []string) error {
 			}
 		}
 	})
+}
+
+// runMmapThenExec maps args[0] shared and writable, announces readiness,
+// and on the second line read from stdin re-executes the test binary as an
+// "mmap" child of args[1]: same pid, another address space.
+func runMmapThenExec(args []string) error {
+	f, err := os.OpenFile(args[0], os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	b, err := unix.Mmap(int(f.Fd()), 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return err
+	}
+	b[0] = 'x'
+	if err := f.Close(); err != nil {
+		return err
+	}
+	fmt.Println("ready")
+	in := bufio.NewReader(os.Stdin) // one reader: the two lines may come in one read
+	for _, what := range []string{"go", "exec"} {
+		if _, err := in.ReadString('\n'); err != nil {
+			return fmt.Errorf("wait for %s: %w", what, err)
+		}
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	env := []string{childRoleEnv + "=mmap"}
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, childRoleEnv+"=") {
+			env = append(env, kv)
+		}
+	}
+	return unix.Exec(exe, []string{exe, args[1]}, env)
 }
 
 // pivotInto makes dir the root of this process's (new) mount namespace, the

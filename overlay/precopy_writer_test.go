@@ -163,6 +163,64 @@ func TestPrecopyMmapWriter(t *testing.T) {
 	}
 }
 
+// TestPrecopyHeldMapped: a mapped file held open since Prepare is re-copied
+// through those descriptors when only stores through the mapping (and
+// changes to other files) happened since, and the ordinary way when its
+// name or status changed; every capture equals a full Capture of the same
+// frozen instant.
+func TestPrecopyHeldMapped(t *testing.T) {
+	requireRoot(t)
+	for _, tc := range []struct {
+		name string
+		ops  func(merged string) []string // run after Prepare
+		held int                          // want FinishStats.MappedHeld
+	}{
+		{"stores only", nil, 1},
+		{"other file written", func(m string) []string { return []string{"write:" + m + "/other:y"} }, 1},
+		{"chmod", func(m string) []string { return []string{"chmod:" + m + "/mm:600"} }, 0},
+		{"xattr", func(m string) []string { return []string{"xattr:" + m + "/mm:user.k:v"} }, 0},
+		{"renamed over", func(m string) []string { return []string{"write:" + m + "/new:z", "mv:" + m + "/new:" + m + "/mm"} }, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			o := newOverlay(t, t.TempDir(), nil)
+			writeFile(t, filepath.Join(o.merged, "mm"), string(make([]byte, 64<<10)))
+			cg := newTestCgroup(t)
+			startChild(t, cg, "mmap", false, filepath.Join(o.merged, "mm"))
+			snapA, snapB := snapDirs(t, t.TempDir(), 0)
+			p, err := StartPrecopy(ctx, o.upper, snapA, PrecopyOptions{Mountpoint: o.merged})
+			mustNil(t, err)
+			defer p.Close()
+			mustNil(t, p.Prepare(ctx, cg.pids(t)))
+			if len(p.held) != 1 {
+				t.Fatalf("Prepare held %d files, want the mapped one", len(p.held))
+			}
+			if tc.ops != nil {
+				// Their events wait in the kernel's queue for the drain.
+				runOpsChild(t, tc.ops(o.merged)...)
+			}
+			cg.freeze(t)
+			fin, rerr := p.Recapture(ctx, cg.pids(t))
+			ref, _, cerr := Capture(ctx, o.upper, snapB, CaptureOptions{})
+			cg.thaw(t)
+			if rerr != nil || cerr != nil {
+				t.Fatalf("Recapture: %v; reference Capture: %v", rerr, cerr)
+			}
+			m, err := p.Seal(ctx)
+			mustNil(t, err)
+			for _, d := range captureDiffs(t, m, snapA, ref, snapB) {
+				t.Error(d)
+			}
+			if fin.MappedHeld != tc.held || fin.Fallback {
+				t.Errorf("finish %+v, want %d mapped file(s) re-copied through held descriptors, no fallback", fin, tc.held)
+			}
+			if p.held != nil || p.maps.held != nil {
+				t.Error("held files not closed by Seal")
+			}
+		})
+	}
+}
+
 // TestPrecopyPauseProportional: with 10k files in the upper dir, Recapture
 // of an idle container, and of one with a slow writer, costs a small
 // fraction of a full Capture.

@@ -127,6 +127,14 @@ func (t *tracker) signalStop() {
 	}
 }
 
+// stopReader ends the reader goroutine and waits until it is gone; events
+// then stay queued in the kernel until drainAndTake reads them. The pause
+// then never waits for the reader to let go of the lock.
+func (t *tracker) stopReader() {
+	t.signalStop()
+	<-t.done
+}
+
 // drainAndTake reads every queued event (non-blocking, to EAGAIN) and
 // returns the dirty set, starting a new one. After the freeze, events of
 // every completed syscall are queued, so the set is complete.

@@ -67,19 +67,19 @@ func TestPauseGuard(t *testing.T) {
 	fr := emptyFreezer(t)
 	s := &Shim{freezeTimeout: 20 * time.Millisecond, maxPause: 30 * time.Millisecond}
 
-	g, err := s.armWatchdog(fr)
+	g, err := s.armWatchdog(fr, 0)
 	if err != nil || g.check() != nil {
 		t.Fatalf("without a watchdog: %v", err)
 	}
 	g.disarm()
 
 	s.SetWatchdog(fakeWatchdog(t, "not a freezer of this container"))
-	if _, err := s.armWatchdog(fr); err == nil || !strings.Contains(err.Error(), "no freeze without") {
+	if _, err := s.armWatchdog(fr, 0); err == nil || !strings.Contains(err.Error(), "no freeze without") {
 		t.Fatalf("refused arm: %v", err)
 	}
 
 	s.SetWatchdog(fakeWatchdog(t, ""))
-	g, err = s.armWatchdog(fr)
+	g, err = s.armWatchdog(fr, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +89,7 @@ func TestPauseGuard(t *testing.T) {
 	g.disarm()
 	g.disarm()
 
-	g, err = s.armWatchdog(fr)
+	g, err = s.armWatchdog(fr, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,28 +21,6 @@ const RoleShim = "shim"
 // to the process that started it.
 const EnvReadyFD = "_SEAMLESS_READY_FD"
 
-// EnvNice sets the nice value of shims and of the uploaders they start
-// (default DefaultNice): their pre-copy, catch-up and compression then yield
-// the CPU to the container's own processes. The pause itself runs
-// SCHED_FIFO whatever this says.
-const EnvNice = "SEAMLESS_NICE"
-
-// DefaultNice is the shims' nice value when EnvNice is not set.
-const DefaultNice = 10
-
-// shimNice returns the nice value EnvNice asks for, or DefaultNice.
-func shimNice() (int, error) {
-	v := os.Getenv(EnvNice)
-	if v == "" {
-		return DefaultNice, nil
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < -20 || n > 19 {
-		return DefaultNice, fmt.Errorf("%s=%q: want a nice value from -20 to 19; using %d", EnvNice, v, DefaultNice)
-	}
-	return n, nil
-}
-
 // Main is the shim role's entry point: args[1] is the JSON config.
 func Main(args []string) int {
 	ready := readyPipe()
@@ -64,7 +42,7 @@ func Main(args []string) int {
 	}
 	logger, closeLog := openLog(cfg)
 	defer closeLog()
-	if nice, err := shimNice(); err != nil {
+	if nice, err := proc.NiceFromEnv(); err != nil {
 		logger.Printf("shim for %s: %v", cfg.ContainerID, err)
 	} else if err := proc.NiceThreads(nice); err != nil {
 		logger.Printf("shim for %s: %v", cfg.ContainerID, err)

@@ -256,11 +256,11 @@ type pauseGuard struct {
 
 // armWatchdog arms the watchdog for a freeze of fr. Without a watchdog the
 // freeze goes ahead unguarded; with one that cannot be armed it must not.
-func (s *Shim) armWatchdog(fr *freezer.Freezer) (*pauseGuard, error) {
+func (s *Shim) armWatchdog(fr *freezer.Freezer, before time.Duration) (*pauseGuard, error) {
 	if s.watchdog == nil {
 		return &pauseGuard{}, nil
 	}
-	timeout := s.freezeTimeout + s.maxPause
+	timeout := before + s.freezeTimeout + s.maxPause
 	deadline := time.Now().Add(timeout)
 	if err := s.watchdog.Arm(fr.Kind(), fr.Dir(), timeout); err != nil {
 		return nil, fmt.Errorf("no freeze without the thaw watchdog: %w", err)

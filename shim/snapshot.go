@@ -134,6 +134,7 @@ func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mou
 	c.Strategy, c.DataCopy = "precopy", pstats.DataCopy
 	c.PrecopyMS, c.PrecopyRounds = pstats.Duration.Milliseconds(), pstats.Rounds
 	c.DirtyEntries, c.Fallback, c.FallbackReason = fstats.DirtyEntries, fstats.Fallback, fstats.FallbackReason
+	c.MappedFiles, c.MappedHeld = fstats.MappedFiles, fstats.MappedHeld
 	st.Entries = len(m.Entries)
 	st.Bytes = manifestBytes(m)
 	st.Phase = snapshot.PhaseCaptured
@@ -156,25 +157,35 @@ func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *free
 	if err := pre.Prepare(ctx, pids); err != nil {
 		return fstats, fmt.Errorf("pre-copy catch-up: %w", err)
 	}
-	q := fr.WaitQuiescent(ctx, maxQuiesceWait)
-	st.Capture.QuiesceWaitUS, st.Capture.QuiesceTimedOut = q.Waited.Microseconds(), !q.Quiet
-	// A container the user paused stays paused: our thaw would undo it.
-	if frozen, ferr := fr.Frozen(); ferr == nil && frozen {
-		return fstats, fmt.Errorf("container %s is paused; resume it, then snapshot", s.cfg.ContainerID)
-	}
 	// Armed after the catch-up, which may take a while: the watchdog's
-	// deadline is for the pause.
-	guard, err := s.armWatchdog(fr)
+	// deadline is for the pause (plus the quiescence wait). Armed before that
+	// wait, so that the watchdog's threads, woken by the message, are done
+	// running before the freeze.
+	// A container the user paused stays paused: our thaw (or the
+	// watchdog's) would undo it. Checked before arming and again right
+	// before the freeze.
+	if err := s.refusePaused(fr); err != nil {
+		return fstats, err
+	}
+	guard, err := s.armWatchdog(fr, maxQuiesceWait)
 	if err != nil {
 		return fstats, err
 	}
 	defer guard.disarm()
+	q := fr.WaitQuiescent(ctx, maxQuiesceWait)
+	st.Capture.QuiesceWaitUS, st.Capture.QuiesceTimedOut = q.Waited.Microseconds(), !q.Quiet
+	if err := s.refusePaused(fr); err != nil {
+		return fstats, err
+	}
 	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	var tasks time.Duration
 	res, err := fr.Pause(ctx, s.freezeTimeout, func() error {
 		if s.pauseDelay > 0 {
 			time.Sleep(s.pauseDelay)
 		}
+		start := time.Now()
 		pids, err := fr.Procs()
+		tasks = time.Since(start)
 		if err != nil {
 			return err
 		}
@@ -189,15 +200,26 @@ func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *free
 	}
 	err = errors.Join(err, guard.check())
 	st.Pause = snapshot.PauseTimes{
-		FreezeUS:   res.Freeze.Wait.Microseconds(),
-		DrainUS:    fstats.Drain.Microseconds(),
-		MmapScanUS: fstats.MmapScan.Microseconds(),
-		CaptureUS:  res.Held.Microseconds(),
-		ThawUS:     res.Thaw.Microseconds(),
+		FreezeUS:    res.Freeze.Wait.Microseconds(),
+		TasksUS:     tasks.Microseconds(),
+		DrainUS:     fstats.Drain.Microseconds(),
+		MmapScanUS:  fstats.MmapScan.Microseconds(),
+		RecaptureUS: fstats.Recapture.Microseconds(),
+		CaptureUS:   res.Held.Microseconds(),
+		ThawUS:      res.Thaw.Microseconds(),
 	}
 	st.PauseUS = res.Total.Microseconds()
 	st.CapturedAt = res.FrozenAt.UTC()
 	return fstats, err
+}
+
+// refusePaused fails when the container's cgroup is frozen already: the
+// user paused it.
+func (s *Shim) refusePaused(fr *freezer.Freezer) error {
+	if frozen, err := fr.Frozen(); err == nil && frozen {
+		return fmt.Errorf("container %s is paused; resume it, then snapshot", s.cfg.ContainerID)
+	}
+	return nil
 }
 
 // manifestBytes is the size of the file data a manifest refers to, each

@@ -112,12 +112,17 @@ type Base struct {
 type PauseTimes struct {
 	// FreezeUS is the freeze wait: request to every task frozen.
 	FreezeUS int64 `json:"freeze_us"`
+	// TasksUS is listing the frozen tasks (part of CaptureUS).
+	TasksUS int64 `json:"tasks_us,omitempty"`
 	// DrainUS is reading the dirty tracker's queue while frozen (part of
 	// CaptureUS).
 	DrainUS int64 `json:"drain_us,omitempty"`
 	// MmapScanUS is the scan of the tasks' shared writable mappings (part
 	// of CaptureUS).
 	MmapScanUS int64 `json:"mmap_scan_us,omitempty"`
+	// RecaptureUS is copying the dirty entries and mapped files again (part
+	// of CaptureUS).
+	RecaptureUS int64 `json:"recapture_us,omitempty"`
 	// CaptureUS is all the work done frozen, from every task frozen to the
 	// thaw request: listing the tasks, the drain, the mmap scan and the
 	// re-capture of the dirty entries (the whole capture when nothing was
@@ -139,6 +144,12 @@ type CaptureFigures struct {
 	PrecopyRounds int `json:"precopy_rounds,omitempty"`
 	// DirtyEntries is how many paths were re-captured in the pause.
 	DirtyEntries int `json:"dirty_entries"`
+	// MappedFiles counts the upper files the frozen tasks mapped shared and
+	// writable (copied again in every pause: stores through a mapping raise
+	// no event); MappedHeld those of them copied through descriptors held
+	// open since right before the freeze.
+	MappedFiles int `json:"mapped_files,omitempty"`
+	MappedHeld  int `json:"mapped_held,omitempty"`
 	// Fallback is true when the dirty tracker could not be trusted (queue
 	// overflow, tracker failure) and the pause rescanned everything.
 	Fallback bool `json:"fallback"`

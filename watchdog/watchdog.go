@@ -104,6 +104,13 @@ func Main(args []string) int {
 	ready := inheritedFile(cfg.ReadyEnv)
 	logger, closeLog := openLog(cfg.LogPath)
 	defer closeLog()
+	// Its threads wake around every pause; the one that thaws runs
+	// SCHED_FIFO whatever the nice value.
+	if nice, err := proc.NiceFromEnv(); err != nil {
+		logger.Printf("watchdog for %s: %v", cfg.ContainerID, err)
+	} else if err := proc.NiceThreads(nice); err != nil {
+		logger.Printf("watchdog for %s: %v", cfg.ContainerID, err)
+	}
 	w, err := New(&cfg, Child{Path: args[2], Args: args[3:]}, logger)
 	if err != nil {
 		logger.Printf("watchdog for %s: %v", cfg.ContainerID, err)

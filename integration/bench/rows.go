@@ -24,7 +24,8 @@ type Sample struct {
 	ProbeTailUS float64 `json:"probe_tail_us,omitempty"`
 	// LatencyUS is request → thaw confirmed.
 	LatencyUS float64 `json:"latency_us"`
-	// PartsUS breaks the pause down: freeze, drain, mmap_scan, capture, thaw.
+	// PartsUS breaks the pause down: freeze, capture (seamless: of which
+	// tasks, drain, mmap_scan, recapture), thaw.
 	PartsUS map[string]float64 `json:"parts_us,omitempty"`
 	// Figures are what the snapshot reported besides times (seamless:
 	// precopy_ms, dirty_entries, fallback, data_copy, strategy, ...).

@@ -98,7 +98,7 @@ func (c *container) emptyPause(ctx context.Context) (shot, error) {
 	clock := c.env.Clock
 	var t1, t2 int64
 	t0 := clock.Now()
-	_, err := c.fr.Pause(ctx, freezeTimeout, func() error {
+	res, err := c.fr.Pause(ctx, freezeTimeout, func() error {
 		t1 = clock.Now()
 		t2 = clock.Now()
 		return nil
@@ -110,7 +110,12 @@ func (c *container) emptyPause(ctx context.Context) (shot, error) {
 		}
 		return shot{}, fmt.Errorf("pause: %w", err)
 	}
-	return timedShot(t0, t1, t2, t3), nil
+	s := timedShot(t0, t1, t2, t3)
+	// As the shim reports it: freeze request → thaw confirmed, without the
+	// naps Pause takes before and after.
+	s.PauseUS = us(res.Total.Nanoseconds())
+	s.PartsUS["freeze"], s.PartsUS["thaw"] = us(res.Freeze.Wait.Nanoseconds()), us(res.Thaw.Nanoseconds())
+	return s, nil
 }
 
 func us(ns int64) float64 { return float64(ns) / 1000 }

@@ -74,6 +74,29 @@ func Alive(pid int, start uint64) bool {
 	return start == 0 || st.StartTime == start
 }
 
+// EnvNice sets the nice value of the watchdogs, shims and uploaders
+// (default DefaultNice): their pre-copy, catch-up and compression then yield
+// the CPU to the container's own processes. The pause itself runs
+// SCHED_FIFO whatever this says.
+const EnvNice = "SEAMLESS_NICE"
+
+// DefaultNice is the nice value when EnvNice is not set.
+const DefaultNice = 10
+
+// NiceFromEnv returns the nice value EnvNice asks for, or DefaultNice (with
+// an error saying why when the setting is not a nice value).
+func NiceFromEnv() (int, error) {
+	v := os.Getenv(EnvNice)
+	if v == "" {
+		return DefaultNice, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < -20 || n > 19 {
+		return DefaultNice, fmt.Errorf("%s=%q: want a nice value from -20 to 19; using %d", EnvNice, v, DefaultNice)
+	}
+	return n, nil
+}
+
 // NiceThreads sets the nice value of every thread of this process. On Linux
 // nice is per thread (setpriority on the process id reaches only the main
 // thread); threads created later inherit it from the thread that creates
