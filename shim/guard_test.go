@@ -129,3 +129,22 @@ func TestEnsureAnchor(t *testing.T) {
 		t.Fatal("no frozen anchor")
 	}
 }
+
+// TestMonotonicAt: the frozen instant on CLOCK_MONOTONIC is what the clock
+// read then, whatever the wall clock does.
+func TestMonotonicAt(t *testing.T) {
+	var before, after unix.Timespec
+	mustClock := func(ts *unix.Timespec) {
+		if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, ts); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustClock(&before)
+	at := time.Now()
+	mustClock(&after)
+	time.Sleep(20 * time.Millisecond)
+	got := monotonicAt(at)
+	if got < before.Nano()-int64(time.Millisecond) || got > after.Nano()+int64(time.Millisecond) {
+		t.Errorf("monotonicAt = %d, want within 1ms of [%d, %d]", got, before.Nano(), after.Nano())
+	}
+}

@@ -277,6 +277,16 @@ func (g *pauseGuard) check() error {
 	return nil
 }
 
+// disarmAfter waits d, then disarms (a guard that armed nothing returns
+// at once).
+func (g *pauseGuard) disarmAfter(d time.Duration) {
+	if g.wd == nil || g.disarmed {
+		return
+	}
+	time.Sleep(d)
+	g.disarm()
+}
+
 // disarm ends the guard (once); it does not wait for the watchdog.
 func (g *pauseGuard) disarm() {
 	if g.wd == nil || g.disarmed {

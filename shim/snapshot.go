@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	"golang.org/x/sys/unix"
 
 	"github.com/seamless-snapshot/seamless/freezer"
 	"github.com/seamless-snapshot/seamless/overlay"
@@ -141,6 +142,9 @@ func (s *Shim) capture(ctx context.Context, st *snapshot.State, mnt *overlay.Mou
 	return s.store.Save(st)
 }
 
+// disarmDelay is how long after the pause the watchdog is disarmed.
+const disarmDelay = 200 * time.Microsecond
+
 // maxQuiesceWait bounds how long a freeze is put off while a task of the
 // container is in an uninterruptible sleep (see freezer.WaitQuiescent).
 const maxQuiesceWait = 20 * time.Millisecond
@@ -171,7 +175,10 @@ func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *free
 	if err != nil {
 		return fstats, err
 	}
-	defer guard.disarm()
+	// Disarmed once the thawed tasks have had their CPUs back for a moment:
+	// the message wakes the watchdog's real-time thread, which would
+	// otherwise take the CPU of a task that has not run yet since the thaw.
+	defer guard.disarmAfter(disarmDelay)
 	q := fr.WaitQuiescent(ctx, maxQuiesceWait)
 	st.Capture.QuiesceWaitUS, st.Capture.QuiesceTimedOut = q.Waited.Microseconds(), !q.Quiet
 	if err := s.refusePaused(fr); err != nil {
@@ -208,9 +215,21 @@ func (s *Shim) frozenRecapture(ctx context.Context, st *snapshot.State, fr *free
 		CaptureUS:   res.Held.Microseconds(),
 		ThawUS:      res.Thaw.Microseconds(),
 	}
+	st.Pause.FrozenAtMonoNS = monotonicAt(res.FrozenAt)
 	st.PauseUS = res.Total.Microseconds()
 	st.CapturedAt = res.FrozenAt.UTC()
 	return fstats, err
+}
+
+// monotonicAt returns CLOCK_MONOTONIC in nanoseconds at t, a recent time
+// taken by this process (Go's monotonic reading is CLOCK_MONOTONIC); 0 if
+// the clock cannot be read.
+func monotonicAt(t time.Time) int64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0
+	}
+	return ts.Nano() - time.Since(t).Nanoseconds()
 }
 
 // refusePaused fails when the container's cgroup is frozen already: the

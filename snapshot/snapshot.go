@@ -130,6 +130,11 @@ type PauseTimes struct {
 	CaptureUS int64 `json:"capture_us"`
 	// ThawUS is the thaw request to thaw confirmed.
 	ThawUS int64 `json:"thaw_us"`
+	// FrozenAtMonoNS is CLOCK_MONOTONIC, in nanoseconds, when the freeze was
+	// confirmed (CapturedAt on the wall clock): for lining the pause up with
+	// other measurements on this host, which a step of the wall clock (a
+	// resumed VM, settimeofday) would otherwise throw off.
+	FrozenAtMonoNS int64 `json:"frozen_at_mono_ns,omitempty"`
 }
 
 // CaptureFigures describes how a capture was made.

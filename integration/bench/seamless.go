@@ -60,13 +60,17 @@ func (*seamlessStrategy) Snapshot(ctx context.Context, c *container, round int) 
 }
 
 // seamlessShot turns the shim's answer into a shot. The shim reports the
-// frozen instant (captured_at, wall clock) and the pause parts; converted to
-// CLOCK_MONOTONIC, captured_at plus the time spent frozen (capture_us, which
-// includes the drain and the mmap scan) give the frozen window the probe is
-// matched against, plus the thaw the instant the container ran again.
+// frozen instant (frozen_at_mono_ns; captured_at, on the wall clock, from
+// older shims) and the pause parts; on CLOCK_MONOTONIC, the frozen instant
+// plus the time spent frozen (capture_us, which includes the drain and the
+// mmap scan) give the frozen window the probe is matched against, plus the
+// thaw the instant the container ran again.
 func seamlessShot(c *container, st *snapshot.State, raw map[string]any, request window) shot {
 	p := st.Pause
 	frozenAt := c.env.Clock.FromWall(st.CapturedAt)
+	if p.FrozenAtMonoNS > 0 { // immune to steps of the wall clock
+		frozenAt = p.FrozenAtMonoNS
+	}
 	frozenEnd := frozenAt + p.CaptureUS*1000
 	var s shot
 	s.PauseUS = float64(st.PauseUS)
