@@ -49,11 +49,7 @@ func (c *copier) copyData(srcDirFd int, name, dst string, plainBelow int64) (cop
 	}
 	defer unix.Close(out)
 	res := copyResult{Ino: st.Ino}
-	if st.Size < plainBelow {
-		res.Size, err = c.copySmall(src, out)
-	} else {
-		res.Size, res.Reflinked, err = c.copyFd(src, out)
-	}
+	res.Size, res.Reflinked, err = c.copySized(src, out, st.Size, plainBelow)
 	if err == nil {
 		err = trimTo(out, res.Size)
 	}
@@ -64,6 +60,17 @@ func (c *copier) copyData(srcDirFd int, name, dst string, plainBelow int64) (cop
 		return res, fmt.Errorf("copy to %s: copied %d bytes but the file has %d (changed while being captured?)", dst, res.Size, st.Size)
 	}
 	return res, nil
+}
+
+// copySized copies src over dst, both opened afresh or rewound to their
+// start, choosing by the source's size: read and write below plainBelow,
+// copyFd otherwise.
+func (c *copier) copySized(src, dst int, size, plainBelow int64) (n int64, reflinked bool, err error) {
+	if size < plainBelow {
+		n, err = c.copySmall(src, dst)
+		return n, false, err
+	}
+	return c.copyFd(src, dst)
 }
 
 // trimTo cuts fd to size when an earlier, longer content was overwritten.

@@ -87,15 +87,7 @@ func (p *Precopy) recopyHeld(rel string, fs *FinishStats) (bool, error) {
 			return false, nil
 		}
 	}
-	var (
-		n   int64
-		err error
-	)
-	if st.Size < pausePlainCopy {
-		n, err = p.copier.copySmall(h.src, h.dst)
-	} else {
-		n, _, err = p.copier.copyFd(h.src, h.dst)
-	}
+	n, _, err := p.copier.copySized(h.src, h.dst, st.Size, pausePlainCopy)
 	if err == nil && n != st.Size {
 		err = fmt.Errorf("copied %d bytes but the file has %d: %w", n, st.Size, errChanged)
 	}
